@@ -1,0 +1,227 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The trio adapter around the sans-I/O core: one TPM chip, many open files.
+
+:class:`TpmDevice` plays the part of the kernel's chip (its ``tpm_mutex`` is a trio lock
+held for a whole user command) and :class:`DeviceFile` the part of one open file description
+of /dev/tpmrm0 (its ``file_priv`` mutex is another trio lock).  The FUSE and CUSE front ends
+call only ``TpmDevice.open`` and the four ``DeviceFile`` methods.
+
+The kernel's file operations sleep uninterruptibly, so every operation here runs shielded
+from cancellation: an interrupted syscall never leaves a space half-loaded.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Awaitable, Callable, Protocol, TypeVar
+
+import trio
+
+from . import tpm
+from .profiles import KernelProfile
+from .tpm import Io, Send
+from .tpm2_cmd import auto_startup
+from .tpm_chip import Chip
+from .tpm_dev_common import FileState, release_space, tpm_dev_transmit
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Backend(Protocol):
+    """Where commands go.  ``transmit`` returns the response, or a negative errno."""
+
+    commands_sent: int
+
+    async def transmit(self, data: bytes, timeout: float) -> bytes | int: ...
+
+    async def aclose(self) -> None: ...
+
+
+class TpmDevice:
+    """One backing TPM shared by every open file, as struct tpm_chip is."""
+
+    def __init__(self, backend: Backend, profile: KernelProfile) -> None:
+        self.backend = backend
+        self.chip = Chip(profile)
+        self.profile = profile
+        #: tpm_mutex: one user command (with all of its context traffic) at a time.
+        self.lock = trio.Lock()
+        self.files: set[DeviceFile] = set()
+        #: False once the chip is "unregistered": writes then fail like ops == NULL.
+        self.available = False
+        self._nursery: trio.Nursery | None = None
+        self._timer_scope: trio.CancelScope | None = None
+
+    async def run(self, gen: Io[T]) -> T:
+        """Drive a core generator against the backend.  The caller holds ``self.lock``."""
+        transmit = self.backend.transmit
+        reply: bytes | int | None = None
+        while True:
+            try:
+                req = gen.send(reply)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            if type(req) is Send:
+                reply = await transmit(req.data, req.timeout)
+            else:
+                await trio.sleep(req.seconds)  # type: ignore[union-attr]
+                reply = None
+
+    async def register(self) -> None:
+        """tpm_chip_register()'s auto-startup: self test, Startup, command table."""
+        async with self.lock:
+            await self.run(auto_startup(self.chip))
+        self.available = True
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the tasks the files need (async commands, the unread-response timer).
+
+        Runs until cancelled; then closes every file still open, flushing its sessions.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._timer_loop)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self.close_all()
+
+    async def close_all(self) -> None:
+        """Release every open file, as the kernel would on close (used at shutdown)."""
+        for f in list(self.files):
+            await f.release()
+
+    def open(self, flags: int = os.O_RDWR) -> "DeviceFile":
+        """tpmrm_open(): a new file with an empty space.  Nothing reaches the TPM."""
+        f = DeviceFile(self)
+        self.files.add(f)
+        return f
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is None:
+            raise RuntimeError("TpmDevice.serve() is not running")
+        self._nursery.start_soon(fn)
+
+    # --- the unread-response timer (user_read_timer) ------------------------------------
+
+    def arm_timer(self, deadline: float) -> None:
+        scope = self._timer_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadlines = [f.state.deadline for f in self.files if f.state.deadline is not None]
+            with trio.CancelScope(deadline=min(deadlines, default=float("inf"))) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            now = trio.current_time()
+            for f in list(self.files):
+                if f.state.deadline is not None and f.state.deadline <= now:
+                    self.spawn(f.timeout_work)
+
+
+class DeviceFile:
+    """One open file description: its own space, buffer and lock."""
+
+    def __init__(self, device: TpmDevice) -> None:
+        self.device = device
+        self.state = FileState(device.profile)
+        self.lock = trio.Lock()
+        #: The poll wake-up of this file.  FUSE and CUSE key poll notifications by file, so
+        #: the latest registration stands for every poller of the file.
+        self._waiter: Callable[[], None] | None = None
+        self._work_done: trio.Event | None = None
+        self.closed = False
+
+    def _wake(self) -> None:
+        """wake_up_interruptible(&priv->async_wait): each poll waiter once."""
+        wake, self._waiter = self._waiter, None
+        if wake is not None:
+            wake()
+
+    async def write(self, data: bytes, nonblock: bool) -> int:
+        """tpm_common_write()."""
+        FileState.check_size(len(data))
+        with trio.CancelScope(shield=True):
+            async with self.lock:
+                self.state.accept_write(data)
+                if nonblock:
+                    self.state.command_enqueued = True
+                    self._work_done = trio.Event()
+                    self.device.spawn(self._async_work)
+                    return len(data)
+                if not self.device.available:
+                    raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
+                async with self.device.lock:
+                    result = await self.device.run(tpm_dev_transmit(self.device.chip, self.state.space, self.state.buf))
+                size = self.state.command_finished(result, len(data), trio.current_time())
+                if self.state.deadline is not None:
+                    self.device.arm_timer(self.state.deadline)
+                return size
+
+    async def _async_work(self) -> None:
+        """tpm_dev_async_work(): the O_NONBLOCK command, run after write() returned."""
+        assert self._work_done is not None
+        done = self._work_done
+        try:
+            with trio.CancelScope(shield=True):
+                async with self.lock:
+                    if not self.device.available:
+                        self.state.async_ops_failed(errno.EIO)
+                    else:
+                        async with self.device.lock:
+                            result = await self.device.run(
+                                tpm_dev_transmit(self.device.chip, self.state.space, self.state.buf)
+                            )
+                        self.state.async_finished(result, trio.current_time())
+                        if self.state.deadline is not None:
+                            self.device.arm_timer(self.state.deadline)
+                    self._wake()
+        finally:
+            done.set()
+
+    async def read(self, size: int, nonblock: bool = False) -> bytes:
+        """tpm_common_read(); never EAGAIN: nothing pending reads as 0 bytes."""
+        if size == 0 and self.device.profile.read_zero_returns_early:
+            return b""
+        with trio.CancelScope(shield=True):
+            async with self.lock:
+                return self.state.read(size)
+
+    async def poll(self, wake: Callable[[], None] | None = None) -> int:
+        """tpm_common_poll(): waits for a command in flight, then IN or OUT, never both."""
+        if wake is not None:
+            self._waiter = wake
+        with trio.CancelScope(shield=True):
+            async with self.lock:
+                return self.state.poll_mask()
+
+    async def timeout_work(self) -> None:
+        """tpm_timeout_work(): throw the unread response away and wake pollers."""
+        with trio.CancelScope(shield=True):
+            async with self.lock:
+                if self.state.deadline is None or self.state.deadline > trio.current_time():
+                    return
+                log.warning("TPM user space timeout is deprecated (pid=0)")
+                self.state.timeout()
+                self._wake()
+
+    async def release(self) -> None:
+        """tpmrm_release(): wait for async work, stop the timer, flush the sessions."""
+        if self.closed:
+            return
+        self.closed = True
+        with trio.CancelScope(shield=True):
+            if self._work_done is not None:
+                await self._work_done.wait()
+            self.state.deadline = None
+            self.device.files.discard(self)
+            if self.device.available:
+                async with self.device.lock:
+                    await self.device.run(release_space(self.state.space))

@@ -1,0 +1,154 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""FUSE front end: ``DIR/tpmrm0`` as a file whose every open() is a new TPM space.
+
+For kernels without CUSE.  pyfuse3 serves one directory holding one file; opens are direct
+I/O and non-seekable (pread/pwrite give ESPIPE), and poll is answered with wake-ups, so
+tpm2-tss's device TCTI works on it unchanged.  Differences from a character device, which
+FUSE decides before we see the call: write(fd, buf, 0) and read(fd, buf, 0) return 0, O_NONBLOCK
+is taken from open() (FUSE does not pass fcntl(F_SETFL) changes to pyfuse3's write handler),
+and writev() is one write.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from typing import Any
+
+import pyfuse3
+import trio
+
+from .device import DeviceFile, TpmDevice
+
+log = logging.getLogger(__name__)
+
+FILE_INODE = pyfuse3.ROOT_INODE + 1
+
+
+class TpmFuse(pyfuse3.Operations):
+    """pyfuse3 operations for a directory with one TPM device file."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, device: TpmDevice, name: str = "tpmrm0", mode: int = 0o660) -> None:
+        super().__init__()
+        self.device = device
+        self.name = name.encode()
+        self.mode = mode
+        self.files: dict[int, tuple[DeviceFile, bool]] = {}
+        self._next_fh = 1
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            attr.st_mode = stat.S_IFDIR | 0o755
+            attr.st_nlink = 2
+        else:
+            attr.st_mode = stat.S_IFREG | self.mode
+            attr.st_nlink = 1
+        attr.st_uid = os.getuid()
+        attr.st_gid = os.getgid()
+        attr.st_size = 0
+        attr.attr_timeout = 3600
+        attr.entry_timeout = 3600
+        return attr
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if inode not in (pyfuse3.ROOT_INODE, FILE_INODE):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if parent_inode != pyfuse3.ROOT_INODE or name != self.name:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(FILE_INODE)
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        if start_id < 1:
+            pyfuse3.readdir_reply(token, self.name, self._attrs(FILE_INODE), 1)
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if inode != FILE_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.files[fh] = (self.device.open(flags), bool(flags & os.O_NONBLOCK))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+
+    def _file(self, fh: int) -> tuple[DeviceFile, bool]:
+        try:
+            return self.files[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        f, nonblock = self._file(fh)
+        try:
+            return await f.write(bytes(buf), nonblock)
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f, nonblock = self._file(fh)
+        try:
+            return await f.read(size, nonblock)
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+
+    async def poll(self, inode: int, fh: int, poll_handle: Any, ctx: Any) -> int:
+        f, _ = self._file(fh)
+        wake = poll_handle.notify if poll_handle is not None else None
+        return await f.poll(wake)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def release(self, fh: int) -> None:
+        f, _ = self.files.pop(fh, (None, False))
+        if f is not None:
+            await f.release()
+
+    async def ioctl(self, *args: Any) -> None:  # pragma: no cover - pyfuse3 may not route it
+        raise pyfuse3.FUSEError(errno.ENOTTY)
+
+
+async def serve_fuse(
+    device: TpmDevice,
+    mountpoint: str,
+    *,
+    name: str = "tpmrm0",
+    mode: int = 0o660,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mount ``mountpoint`` and serve until cancelled; then unmount.
+
+    ``task_status.started()`` is called once the file can be opened.
+    """
+    ops = TpmFuse(device, name, mode)
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {"fsname=cusetpm", "subtype=cusetpm", "default_permissions"}
+    if os.getuid() == 0:
+        options.add("allow_other")
+    os.makedirs(mountpoint, exist_ok=True)
+    pyfuse3.init(ops, mountpoint, options)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pyfuse3.main, 1, 10_000)
+            # The mount is live once init() returns; make sure the kernel can see the file.
+            await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, name))
+            task_status.started()
+    finally:
+        with trio.CancelScope(shield=True):
+            await device.close_all()
+            pyfuse3.close(unmount=True)

@@ -1,0 +1,25 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The per-chip state the resource manager shares between all open files.
+
+Follows the fields of struct tpm_chip (include/linux/tpm.h) that tpm2-space.c and
+tpm-dev-common.c use: the command attribute table, the one work space, and the code of the
+command in progress.  Locking lives in the adapter (:mod:`cusetpm.device`): the kernel's
+tpm_mutex is held around every use of a Chip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .profiles import KernelProfile
+from .tpm2_space import Space
+
+
+@dataclass
+class Chip:
+    profile: KernelProfile
+    #: TPMA_CC of every command the TPM implements (tpm2_get_cc_attrs_tbl()).
+    cc_attrs_tbl: list[int] = field(default_factory=list)
+    #: Scratch copy of the space of the file whose command is running (chip->work_space).
+    work_space: Space = field(default_factory=Space)
+    #: Command code of the command in progress (chip->last_cc).
+    last_cc: int = 0

@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Sending one command to the TPM, with the kernel's retry loop and checks.
+
+Port of drivers/char/tpm/tpm-interface.c: tpm_try_transmit(), tpm_transmit(),
+tpm_transmit_cmd(), and tpm_calc_ordinal_duration() with the table of
+tpm2-cmd.c tpm2_ordinal_duration_index().  Sans-I/O: each function is a generator (see
+:mod:`cusetpm.tpm`).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+
+from . import tpm
+from .tpm import Io, Send, Sleep, be32
+
+log = logging.getLogger(__name__)
+
+# Durations in milliseconds (tpm2-cmd.c TPM2_DURATION_*).
+DURATION_MEDIUM = 750
+DURATION_LONG = 2000
+DURATION_LONG_LONG = 300000
+DURATION_DEFAULT = 120000
+#: The retry loop starts at TPM2_DURATION_SHORT and stops once the delay passes LONG.
+RETRY_FIRST_DELAY = 20
+
+_DURATIONS: dict[int, int] = {
+    0x144: DURATION_MEDIUM,  # Startup
+    0x143: DURATION_LONG,  # SelfTest
+    0x17B: DURATION_LONG,  # GetRandom
+    0x15C: DURATION_MEDIUM,  # SequenceUpdate
+    0x13E: DURATION_MEDIUM,  # SequenceComplete
+    0x185: DURATION_MEDIUM,  # EventSequenceComplete
+    0x186: DURATION_MEDIUM,  # HashSequenceStart
+    0x177: DURATION_LONG_LONG,  # VerifySignature
+    0x182: DURATION_MEDIUM,  # PCR_Extend
+    0x121: DURATION_LONG,  # HierarchyControl
+    0x129: DURATION_LONG,  # HierarchyChangeAuth
+    0x17A: DURATION_MEDIUM,  # GetCapability
+    0x14E: DURATION_LONG,  # NV_Read
+    0x131: DURATION_LONG_LONG,  # CreatePrimary
+    0x153: DURATION_LONG_LONG,  # Create
+    0x191: DURATION_LONG_LONG,  # CreateLoaded
+}
+
+
+def ordinal_duration(ordinal: int) -> float:
+    """Seconds the kernel waits for this command (exact 32-bit match; vendor codes get the default)."""
+    return _DURATIONS.get(ordinal, DURATION_DEFAULT) / 1000.0
+
+
+def try_transmit(buf: bytearray, bufsiz: int = tpm.TPM_BUFSIZE) -> Io[int]:
+    """One transmission: send ``header.length`` bytes of ``buf``, put the response in ``buf``.
+
+    Returns the response length or a negative errno, exactly as tpm_try_transmit() does.
+    """
+    count = be32(buf, 2)
+    if count == 0:
+        return -errno.ENODATA
+    if count > bufsiz:
+        return -errno.E2BIG
+    ordinal = be32(buf, 6)
+    reply = yield Send(bytes(buf[:count]), ordinal_duration(ordinal))
+    if isinstance(reply, int):
+        return reply
+    assert isinstance(reply, bytes)
+    n = len(reply)
+    if n > bufsiz:
+        # The driver cannot hand back more than the buffer holds (vtpm_proxy: -EIO).
+        return -errno.EIO
+    buf[:n] = reply
+    if n < tpm.TPM_HEADER_SIZE or n != be32(buf, 2):
+        return -errno.EFAULT
+    return n
+
+
+def transmit(buf: bytearray, bufsiz: int = tpm.TPM_BUFSIZE) -> Io[int]:
+    """tpm_transmit(): retry TPM_RC_RETRY / TPM_RC_TESTING with doubling delays.
+
+    At most 8 transmissions (sleeps 20..1280 ms); the last RETRY/TESTING response is
+    returned as is.  The first 22 bytes (header and three already-translated handles) are
+    restored before each retry because the response overwrote them.
+    """
+    save = bytes(buf[: min(tpm.TPM_HEADER_SIZE + 12, bufsiz)])
+    cc = be32(buf, 6)
+    delay = RETRY_FIRST_DELAY
+    while True:
+        ret = yield from try_transmit(buf, bufsiz)
+        if ret < 0:
+            break
+        rc = be32(buf, 6)
+        if rc != tpm.RC_RETRY and rc != tpm.RC_TESTING:
+            break
+        if rc == tpm.RC_TESTING and cc == tpm.CC_SELF_TEST:
+            break
+        if delay > DURATION_LONG:
+            log.error("in retry loop" if rc == tpm.RC_RETRY else "self test is still running")
+            break
+        yield Sleep(delay / 1000.0)
+        delay *= 2
+        buf[: len(save)] = save
+    return ret
+
+
+def transmit_cmd(cmd: bytes, min_rsp_body_length: int = 0, desc: str | None = None) -> Io[tuple[int, bytes]]:
+    """tpm_transmit_cmd(): a kernel-internal command.
+
+    Returns ``(result, response)``: result is a negative errno, a positive TPM rc, or 0 with
+    the whole response.  A success shorter than the caller's minimum is ``-EFAULT``.
+    """
+    buf = bytearray(tpm.TPM_BUFSIZE)
+    buf[: len(cmd)] = cmd
+    length = yield from transmit(buf, tpm.TPM_BUFSIZE)
+    if length < 0:
+        return length, b""
+    err = be32(buf, 6)
+    if err != 0 and err != tpm.RC_TESTING and desc:
+        log.error("A TPM error (%d) occurred %s", err, desc)
+    if err:
+        return err, bytes(buf[:length])
+    if length < min_rsp_body_length + tpm.TPM_HEADER_SIZE:
+        return -errno.EFAULT, b""
+    return 0, bytes(buf[:length])
