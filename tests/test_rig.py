@@ -1,0 +1,136 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Tests of the real-kernel rig itself: these really boot Debian kernels.
+
+Nothing here is skipped: if the rig cannot boot, these tests must fail,
+because every kernel-comparison test built on the rig would be meaningless.
+One boot per kernel carries most checks (each boot costs seconds under TCG).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cusetpm import rig
+
+pytestmark = pytest.mark.guest
+
+SPECIAL = "a b'c\"$HOME;`x`"
+
+
+@pytest.fixture(scope="module", params=rig.KERNELS)
+def boot(request, tmp_path_factory):
+    """One guest boot per kernel running every check; returns what it saw."""
+    version = request.param
+    kernel = rig.ensure_kernel(version)
+    share = tmp_path_factory.mktemp(f"share-{version}")
+    (share / "from-host.txt").write_text("hello-from-host\n")
+    script = f"""
+echo "UNAME=$(uname -r)"
+echo "PROCVERSION=$(cat /proc/version)"
+echo "PWD=$(pwd)"
+echo "VAR=$RIG_TEST_VAR"
+echo "SHARED=$(cat {share}/from-host.txt)"
+echo hello-from-guest > {share}/from-guest.txt
+[ -c /dev/cuse ] && echo CUSE=yes
+echo to-stderr >&2
+{rig.guest_swtpm_prelude()} && echo "RANDOM=$(tpm2_getrandom -T device:/dev/tpmrm0 --hex 8)"
+[ -c /dev/tpmrm0 ] && echo TPMRM0=yes
+exit 7
+"""
+    t0 = time.monotonic()
+    res = rig.run_in_guest(version, script, env={"RIG_TEST_VAR": SPECIAL}, share=str(share),
+                           timeout=300)
+    print(f"\nrig boot {version}: guest {res.seconds:.1f}s, call {time.monotonic() - t0:.1f}s")
+    fields = dict(re.findall(r"^([A-Z0-9]+)=(.*)$", res.output, re.M))
+    return version, kernel, res, fields, share
+
+
+def _explain(res: rig.GuestResult) -> str:
+    return f"--- output ---\n{res.output}\n--- console tail ---\n{res.console[-3000:]}"
+
+
+def test_uname_matches_package(boot):
+    version, kernel, res, fields, _ = boot
+    assert fields.get("UNAME") == kernel.release, _explain(res)
+    assert kernel.release.startswith(version + ".")
+    # /proc/version names the Debian package version, e.g. "Debian 6.1.192-2".
+    assert f"Debian {kernel.package_version} " in fields["PROCVERSION"], _explain(res)
+
+
+def test_kernel_tpmrm0_works(boot):
+    _, _, res, fields, _ = boot
+    assert fields.get("TPMRM0") == "yes", _explain(res)
+    assert re.fullmatch(r"[0-9a-f]{16}", fields.get("RANDOM", "")), _explain(res)
+    assert fields.get("CUSE") == "yes", _explain(res)
+
+
+def test_exit_status_and_output(boot):
+    _, _, res, fields, _ = boot
+    assert res.returncode == 7, _explain(res)
+    assert "to-stderr" in res.output
+    assert fields.get("VAR") == SPECIAL
+    assert fields.get("PWD") == os.getcwd()
+    assert res.seconds > 0 and "Linux version" in res.console
+
+
+def test_share_round_trip(boot):
+    _, _, res, fields, share = boot
+    assert fields.get("SHARED") == "hello-from-host", _explain(res)
+    assert (share / "from-guest.txt").read_text() == "hello-from-guest\n", _explain(res)
+
+
+def test_failing_command_status():
+    res = rig.run_in_guest("6.12", "false", timeout=300)
+    assert res.returncode == 1, res.console[-3000:]
+
+
+def test_missing_sentinel_is_an_error():
+    # The guest powers off before the command finishes: no result may be faked.
+    with pytest.raises(rig.RigError, match="no exit-status sentinel"):
+        rig.run_in_guest("6.1", "echo o > /proc/sysrq-trigger; sleep 60", timeout=300)
+
+
+def _procs_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+def test_timeout_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    t0 = time.monotonic()
+    with pytest.raises(rig.RigError, match="timed out") as info:
+        rig.run_in_guest("6.12", "sleep 600", timeout=10)
+    assert time.monotonic() - t0 < 60
+    assert "console tail" in str(info.value)
+    assert list(tmp_path.iterdir()) == [], "rig left its temp dir behind"
+    assert _procs_mentioning(str(tmp_path)) == [], "rig left qemu running"
+
+
+def test_module_order_has_deps_first():
+    for version in rig.KERNELS:
+        kernel = rig.ensure_kernel(version)
+        order = [rig._modname(p) for p in rig.module_load_order(kernel)]
+        assert "cuse" in order and "tpm_vtpm_proxy" in order
+        if "fuse" in order:
+            assert order.index("fuse") < order.index("cuse")
+        assert order.index("9pnet") < order.index("9pnet_virtio") < order.index("9p")
+
+
+def test_prelude_is_valid_shell():
+    subprocess.run(["sh", "-n", "-c", rig.guest_swtpm_prelude() + " && true"], check=True)
