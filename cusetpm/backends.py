@@ -35,6 +35,23 @@ class BackendError(Exception):
     """The backing TPM cannot be reached (reported as one line, exit status 1)."""
 
 
+#: TPM_RC_COMMAND_SIZE: what a TPM answers a command shorter than its header.
+RC_COMMAND_SIZE = 0x142
+
+
+def unframeable(data: bytes) -> bytes | None:
+    """The answer to a command a stream transport cannot delimit, or None.
+
+    The kernel sends ``header.length`` bytes even when that is 1..9 (a stale or short
+    header).  A message transport (vtpm_proxy) hands such a frame to the TPM whole; swtpm's
+    and the simulator's stream sockets wait for a 10-byte header that never comes and hang.
+    So stream backends answer these frames as a TPM does, with TPM_RC_COMMAND_SIZE.
+    """
+    if len(data) >= tpm.TPM_HEADER_SIZE:
+        return None
+    return tpm.command(RC_COMMAND_SIZE)
+
+
 class SocketBackend:
     """A TPM that speaks raw TPM 2.0 commands on a TCP stream, as swtpm's server port does."""
 
@@ -56,6 +73,9 @@ class SocketBackend:
 
     async def transmit(self, data: bytes, timeout: float) -> bytes | int:
         self.commands_sent += 1
+        short = unframeable(data)
+        if short is not None:
+            return short
         try:
             if self._sock is None:
                 await self.connect()
