@@ -132,7 +132,9 @@ class DeviceFile:
     def __init__(self, device: TpmDevice) -> None:
         self.device = device
         self.state = FileState(device.profile)
-        self.lock = trio.Lock()
+        #: The file_priv mutex.  A semaphore, not a trio.Lock, because an O_NONBLOCK write
+        #: hands it to the task that runs the command.
+        self.lock = trio.Semaphore(1)
         #: The poll wake-up of this file.  FUSE and CUSE key poll notifications by file, so
         #: the latest registration stands for every poller of the file.
         self._waiter: Callable[[], None] | None = None
@@ -149,12 +151,17 @@ class DeviceFile:
         """tpm_common_write()."""
         FileState.check_size(len(data))
         with trio.CancelScope(shield=True):
-            async with self.lock:
+            await self.lock.acquire()
+            handed_over = False
+            try:
                 self.state.accept_write(data)
                 if nonblock:
+                    # The worker inherits the file lock, as the kernel's async work takes the
+                    # mutex at once: a poll() or read() right after write() waits for it.
                     self.state.command_enqueued = True
                     self._work_done = trio.Event()
                     self.device.spawn(self._async_work)
+                    handed_over = True
                     return len(data)
                 if not self.device.available:
                     raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
@@ -164,26 +171,32 @@ class DeviceFile:
                 if self.state.deadline is not None:
                     self.device.arm_timer(self.state.deadline)
                 return size
+            finally:
+                if not handed_over:
+                    self.lock.release()
 
     async def _async_work(self) -> None:
-        """tpm_dev_async_work(): the O_NONBLOCK command, run after write() returned."""
+        """tpm_dev_async_work(): the O_NONBLOCK command, run after write() returned.
+
+        Runs holding the file lock that write() handed over.
+        """
         assert self._work_done is not None
         done = self._work_done
         try:
             with trio.CancelScope(shield=True):
-                async with self.lock:
-                    if not self.device.available:
-                        self.state.async_ops_failed(errno.EIO)
-                    else:
-                        async with self.device.lock:
-                            result = await self.device.run(
-                                tpm_dev_transmit(self.device.chip, self.state.space, self.state.buf)
-                            )
-                        self.state.async_finished(result, trio.current_time())
-                        if self.state.deadline is not None:
-                            self.device.arm_timer(self.state.deadline)
-                    self._wake()
+                if not self.device.available:
+                    self.state.async_ops_failed(errno.EIO)
+                else:
+                    async with self.device.lock:
+                        result = await self.device.run(
+                            tpm_dev_transmit(self.device.chip, self.state.space, self.state.buf)
+                        )
+                    self.state.async_finished(result, trio.current_time())
+                    if self.state.deadline is not None:
+                        self.device.arm_timer(self.state.deadline)
+                self._wake()
         finally:
+            self.lock.release()
             done.set()
 
     async def read(self, size: int, nonblock: bool = False) -> bytes:

@@ -1,0 +1,188 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The trio adapter: locks, the async (O_NONBLOCK) path, poll wake-ups, the timer, close."""
+from __future__ import annotations
+
+import errno
+import pytest
+import trio
+
+from cusetpm import tpm_dev_common
+from cusetpm.backends import managed_swtpm
+from cusetpm.device import TpmDevice
+from cusetpm.profiles import PROFILES
+from cusetpm.tpm import be32
+from cusetpm.tpm_dev_common import POLL_IN, POLL_OUT
+from helpers import create_primary, get_cap_handles, get_random, handles_of, rc, start_auth_session
+
+
+def with_device(profile: str = "6.12"):
+    """Run an async test body with a registered TpmDevice on a fresh managed swtpm."""
+
+    def deco(fn):
+        def wrapper(tmp_path):
+            async def main():
+                async with managed_swtpm(tmp_path / "state") as backend:
+                    dev = TpmDevice(backend, PROFILES[profile])
+                    await dev.register()
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(dev.serve)
+                        await fn(dev)
+                        nursery.cancel_scope.cancel()
+
+            trio.run(main)
+
+        wrapper.__name__ = fn.__name__
+        wrapper.__doc__ = fn.__doc__
+        return wrapper
+
+    return deco
+
+
+async def cmd(f, data: bytes) -> bytes:
+    assert await f.write(data, False) == len(data)
+    return await f.read(4096)
+
+
+@with_device()
+async def test_nonblocking_write_returns_at_once_and_poll_waits(dev):
+    f = dev.open()
+    woken = []
+    assert await f.poll(lambda: woken.append(1)) == POLL_OUT
+    data = get_random(8)
+    assert await f.write(data, True) == len(data)
+    with pytest.raises(OSError) as exc:
+        await f.write(data, True)  # queued, not started or running: EBUSY
+    assert exc.value.errno == errno.EBUSY
+    assert await f.poll(None) == POLL_IN  # blocks on the file lock until the command ran
+    assert woken == [1]  # async completion wakes poll waiters
+    out = await f.read(4096)
+    assert rc(out) == 0 and len(out) == 20
+    assert await f.poll(None) == POLL_OUT
+    await f.release()
+
+
+@with_device()
+async def test_sync_completion_does_not_wake_pollers(dev):
+    f = dev.open()
+    woken = []
+    await f.poll(lambda: woken.append(1))
+    await cmd(f, get_random())
+    assert woken == []
+
+
+@with_device()
+async def test_async_error_is_reported_by_read_once(dev):
+    f = dev.open()
+    await f.write(b"\x80\x01\x00\x00\x00\x0e\x00\x00\x01\x73\x80\xff\xff\xff", True)  # ReadPublic(empty vh)
+    assert await f.poll(None) == POLL_IN
+    with pytest.raises(OSError) as exc:
+        await f.read(4096)
+    assert exc.value.errno == errno.EINVAL
+    assert await f.read(4096) == b""
+
+
+@with_device()
+async def test_a_busy_file_does_not_hold_up_another(dev):
+    a, b = dev.open(), dev.open()
+    order = []
+
+    async def slow():
+        for _ in range(3):
+            await cmd(a, create_primary())
+        order.append("a")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(slow)
+        await trio.sleep(0)
+        assert await b.read(4096) == b""  # b's lock is free: answers while a works
+        assert await b.poll(None) == POLL_OUT
+        order.append("b")
+    assert order == ["b", "a"]
+
+
+@with_device()
+async def test_unread_response_timer(dev):
+    f = dev.open()
+    tpm_dev_common.USER_READ_TIMEOUT, saved = 0.3, tpm_dev_common.USER_READ_TIMEOUT
+    try:
+        woken = []
+        await f.write(get_random(8), False)
+        await f.poll(lambda: woken.append(1))
+        assert len(await f.read(3)) == 3  # partial: does not restart the timer
+        await trio.sleep(0.6)
+        assert woken == [1]
+        assert await f.poll(None) == POLL_OUT
+        assert await f.read(4096) == b""
+        assert rc(await cmd(f, get_random())) == 0
+    finally:
+        tpm_dev_common.USER_READ_TIMEOUT = saved
+
+
+@with_device()
+async def test_release_waits_for_async_work_and_flushes_sessions(dev):
+    f = dev.open()
+    s = be32(await cmd(f, start_auth_session()), 10)
+    await f.write(create_primary(), True)
+    await f.release()  # waits for the queued command, then flushes the session
+    g = dev.open()
+    loaded = handles_of(await cmd(g, get_cap_handles(0x02000000)))
+    saved = handles_of(await cmd(g, get_cap_handles(0x03000000)))
+    assert s not in loaded and not [h for h in saved if h & 0xFFFFFF == s & 0xFFFFFF]
+    assert handles_of(await cmd(g, get_cap_handles())) == []
+
+
+@with_device()
+async def test_unavailable_chip_epipe_sync_eio_async(dev):
+    f = dev.open()
+    dev.available = False
+    with pytest.raises(OSError) as exc:
+        await f.write(get_random(), False)
+    assert exc.value.errno == errno.EPIPE
+    await f.write(get_random(), True)
+    assert await f.poll(None) == POLL_IN
+    with pytest.raises(OSError) as exc:
+        await f.read(4096)
+    assert exc.value.errno == errno.EIO
+    dev.available = True
+
+
+@with_device("6.12")
+async def test_zero_read_keeps_the_response_on_612(dev):
+    f = dev.open()
+    await f.write(get_random(), False)
+    assert await f.read(0) == b""
+    assert rc(await f.read(4096)) == 0
+
+
+@with_device("6.1")
+async def test_zero_read_discards_the_response_on_61(dev):
+    f = dev.open()
+    await f.write(get_random(), False)
+    assert await f.read(0) == b""
+    assert await f.read(4096) == b""
+
+
+def test_shutdown_flushes_every_open_files_sessions(tmp_path):
+    async def main():
+        async with managed_swtpm(tmp_path / "state") as backend:
+            dev = TpmDevice(backend, PROFILES["6.12"])
+            await dev.register()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(dev.serve)
+                files = [dev.open() for _ in range(2)]
+                for f in files:
+                    assert rc(await cmd(f, start_auth_session())) == 0
+                nursery.cancel_scope.cancel()
+            assert dev.files == set()
+            sent = backend.commands_sent
+            probe = TpmDevice(backend, PROFILES["6.12"])
+            await probe.register()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(probe.serve)
+                g = probe.open()
+                assert handles_of(await cmd(g, get_cap_handles(0x02000000))) == []
+                assert handles_of(await cmd(g, get_cap_handles(0x03000000))) == []
+                nursery.cancel_scope.cancel()
+            assert backend.commands_sent > sent
+
+    trio.run(main)
