@@ -163,7 +163,7 @@ def default_state_dir() -> Path:
     return Path(base) / "cusetpm" / "swtpm"
 
 
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
     """A port P such that P and P+1 are free on loopback (swtpm's data and control ports;
     tpm2-tss's swtpm TCTI expects the control port at P+1)."""
     for _ in range(200):
@@ -196,7 +196,7 @@ async def managed_swtpm(state_dir: Path | None = None) -> AsyncIterator[SocketBa
     state = Path(state_dir) if state_dir else default_state_dir()
     state.mkdir(parents=True, exist_ok=True)
     for attempt in range(5):
-        port = _free_port_pair()
+        port = free_port_pair()
         argv = [
             exe, "socket", "--tpm2",
             "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",

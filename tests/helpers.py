@@ -7,7 +7,6 @@ swtpm's own; only the responses a test injects on purpose are made up.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import socket
 import struct
@@ -20,7 +19,7 @@ from typing import Callable, Optional
 from tpm2_pytss.types import TPM2B_PUBLIC
 
 from cusetpm import tpm
-from cusetpm.backends import unframeable
+from cusetpm.backends import free_port_pair, unframeable
 from cusetpm.profiles import PROFILES
 from cusetpm.tpm import Send, be32, command, run_sync, u32
 from cusetpm.tpm2_cmd import auto_startup
@@ -38,19 +37,6 @@ CC_EVICT_CONTROL = 0x120
 Injector = Callable[[bytes], Optional["bytes | int"]]
 
 
-def _free_port_pair() -> int:
-    for _ in range(200):
-        port = random.randrange(20000, 60000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port")
-
-
 @dataclass
 class RawTpm:
     """A fresh swtpm (Startup done) and a blocking raw-command socket to it."""
@@ -65,14 +51,14 @@ class RawTpm:
     injectors: list[Injector] = field(default_factory=list)
 
     @classmethod
-    def start(cls) -> "RawTpm":
+    def start(cls, flags: str = "not-need-init,startup-clear") -> "RawTpm":
         statedir = tempfile.mkdtemp(prefix="cusetpm-test-")
         for _ in range(5):
-            port = _free_port_pair()
+            port = free_port_pair()
             proc = subprocess.Popen(
                 ["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
                  "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1", "--tpmstate", f"dir={statedir}",
-                 "--flags", "not-need-init,startup-clear"],
+                 "--flags", flags],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and proc.poll() is None:

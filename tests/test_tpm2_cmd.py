@@ -30,34 +30,16 @@ def test_auto_startup_reads_the_table_and_forces_one_handle(raw):
     assert chandles(by_cc[tpm.CC_GET_RANDOM]) == 0
 
 
-def test_startup_is_sent_when_the_tpm_needs_it(tmp_path):
-    import subprocess
-
-    from helpers import _free_port_pair
-
-    port = _free_port_pair()
-    proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={port}", "--ctrl",
-                             f"type=tcp,port={port + 1}", "--tpmstate", f"dir={tmp_path}", "--flags", "not-need-init"])  # fmt: skip
+def test_startup_is_sent_when_the_tpm_needs_it():
+    raw = RawTpm.start(flags="not-need-init")
     try:
-        import socket
-        import time
-
-        for _ in range(500):
-            try:
-                sock = socket.create_connection(("127.0.0.1", port))
-                break
-            except OSError:
-                time.sleep(0.01)
-        raw = RawTpm(proc, sock, str(tmp_path), port)
         chip = Chip(PROFILES["6.1"])
         raw.run(auto_startup(chip))
         assert raw.ccs()[:3] == [tpm.CC_SELF_TEST, tpm.CC_STARTUP, tpm.CC_SELF_TEST]
         assert raw.log[0][1] == tpm.RC_INITIALIZE
         assert chip.cc_attrs_tbl
-        sock.close()
     finally:
-        proc.terminate()
-        proc.wait()
+        raw.close()
 
 
 def test_a_tpm_in_failure_mode_is_not_registered(raw):
