@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-RUN_DIR ?= /run/cusetpm
+RUN_ARGS ?=
 KERNEL ?= 6.12
 PYTEST_ARGS ?=
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml scripts/install-deps.sh
 	touch $@
 
 run: install
-	$(PY) -m cusetpm serve --fuse $(RUN_DIR) --kernel $(KERNEL)
+	$(PY) -m cusetpm serve --node auto --kernel $(KERNEL) $(RUN_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

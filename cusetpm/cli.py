@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -25,9 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cusetpm", description="A user-space /dev/tpmrm0.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a TPM resource-manager node")
+    serve.add_argument(
+        "--node", choices=("auto", "cuse", "fuse"), default="auto",
+        help="auto (default): a CUSE device where /dev/cuse works, else a FUSE file",
+    )  # fmt: skip
+    serve.add_argument("--cuse", metavar="NAME", help="serve /dev/NAME as a CUSE character device")
     serve.add_argument("--fuse", metavar="DIR", help="serve DIR/NAME as a FUSE file")
-    serve.add_argument("--name", default="tpmrm0", help="name of the node (default: tpmrm0)")
+    serve.add_argument("--name", help="name of the FUSE file (default: tpmrm0)")
+    serve.add_argument("--major", type=int, default=0, help="CUSE device major (default: the kernel picks)")
+    serve.add_argument("--minor", type=int, default=0, help="CUSE device minor")
     serve.add_argument("--mode", default="0660", help="file mode of the node (octal, default 0660)")
+    serve.add_argument("--owner", help="owner of the CUSE node (user name or uid)")
+    serve.add_argument("--group", help="group of the CUSE node (group name or gid)")
     serve.add_argument(
         "--kernel", default=DEFAULT_PROFILE, choices=sorted(PROFILES), help="kernel behaviour to reproduce"
     )
@@ -50,22 +60,73 @@ async def open_backend(args: argparse.Namespace) -> AsyncIterator[Backend]:
             yield sock_backend
 
 
-async def serve(args: argparse.Namespace) -> int:
-    from .fuse_fs import serve_fuse
+def default_fuse_dir() -> str:
+    """Where ``--node auto`` puts the FUSE file: the user's runtime dir, /run for root."""
+    if os.getuid() == 0:
+        return "/run/cusetpm"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cusetpm-{os.getuid()}", "cusetpm", "node")
 
+
+def cuse_usable() -> bool:
+    """Can this process create CUSE devices?  (cuse.ko loaded and /dev/cuse writable.)"""
+    try:
+        os.close(os.open("/dev/cuse", os.O_RDWR | os.O_CLOEXEC))
+        return True
+    except OSError:
+        return False
+
+
+def choose_node(args: argparse.Namespace) -> tuple[str, str]:
+    """("cuse", NAME) or ("fuse", DIR) from the options; auto prefers CUSE."""
+    if args.cuse and args.fuse:
+        raise ValueError("give --cuse NAME or --fuse DIR, not both")
+    kind = "cuse" if args.cuse else "fuse" if args.fuse else args.node
+    if kind == "auto":
+        kind = "cuse" if cuse_usable() else "fuse"
+        why = "/dev/cuse works" if kind == "cuse" else "this kernel has no usable /dev/cuse"
+        print(f"cusetpm: --node auto: {kind.upper()} ({why})", flush=True)
+    if kind == "cuse":
+        name = args.cuse or args.name or ("tpmrm0" if not os.path.exists("/dev/tpmrm0") else "cusetpmrm0")
+        return "cuse", name
+    return "fuse", args.fuse or default_fuse_dir()
+
+
+def _uid(value: str | None) -> int | None:
+    import pwd
+
+    return None if value is None else int(value) if value.isdigit() else pwd.getpwnam(value).pw_uid
+
+
+def _gid(value: str | None) -> int | None:
+    import grp
+
+    return None if value is None else int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
+
+
+async def serve(args: argparse.Namespace) -> int:
     profile = get_profile(args.kernel)
-    if not args.fuse:
-        raise BackendError("give --fuse DIR (the CUSE node is not available in this build)")
+    kind, where = choose_node(args)
+    mode = int(args.mode, 8)
     async with open_backend(args) as backend:
         device = TpmDevice(backend, profile)
         with trio.fail_after(30):
             await device.register()
         async with trio.open_nursery() as nursery:
             await nursery.start(device.serve)
-            await nursery.start(lambda task_status: serve_fuse(
-                device, args.fuse, name=args.name, mode=int(args.mode, 8), task_status=task_status))
-            node = os.path.join(os.path.abspath(args.fuse), args.name)
-            print(f"cusetpm: serving {node} (FUSE, kernel {profile.name})", flush=True)
+            if kind == "cuse":
+                from .cuse import serve_cuse
+
+                node = os.path.join("/dev", where)
+                await nursery.start(functools.partial(
+                    serve_cuse, device, where, major=args.major, minor=args.minor, mode=mode,
+                    owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
+            else:
+                from .fuse_fs import serve_fuse
+
+                name = args.name or "tpmrm0"
+                node = os.path.join(os.path.abspath(where), name)
+                await nursery.start(functools.partial(serve_fuse, device, where, name=name, mode=mode))
+            print(f"cusetpm: serving {node} ({kind.upper()}, kernel {profile.name})", flush=True)
             print(f"  export TPM2TOOLS_TCTI=device:{node}", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
@@ -82,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return trio.run(serve, args)
-    except (BackendError, ChipInitError, trio.TooSlowError, ValueError, OSError) as exc:
+    except (BackendError, ChipInitError, trio.TooSlowError, ValueError, KeyError, OSError) as exc:
         message = "the backing TPM did not answer in time" if isinstance(exc, trio.TooSlowError) else str(exc)
         print(f"cusetpm: error: {message}", file=sys.stderr)
         return 1

@@ -115,7 +115,7 @@ def transmit_cmd(cmd: bytes, min_rsp_body_length: int = 0, desc: str | None = No
         return length, b""
     err = be32(buf, 6)
     if err != 0 and err != tpm.RC_TESTING and desc:
-        log.error("A TPM error (%d) occurred %s", err, desc)
+        log.info("A TPM error (%d) occurred %s", err, desc)
     if err:
         return err, bytes(buf[:length])
     if length < min_rsp_body_length + tpm.TPM_HEADER_SIZE:
