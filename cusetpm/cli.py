@@ -14,7 +14,7 @@ from typing import AsyncIterator, Sequence
 
 import trio
 
-from .backends import BackendError, TctiBackend, managed_swtpm
+from .backends import BackendError, SocketBackend, TctiBackend, managed_swtpm, swtpm_address
 from .device import Backend, TpmDevice
 from .profiles import DEFAULT_PROFILE, PROFILES, get_profile
 from .tpm2_cmd import ChipInitError
@@ -49,7 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextlib.asynccontextmanager
 async def open_backend(args: argparse.Namespace) -> AsyncIterator[Backend]:
-    if args.tcti:
+    address = swtpm_address(args.tcti) if args.tcti else None
+    if address:
+        backend: Backend = SocketBackend(*address)
+        await backend.connect()
+        try:
+            yield backend
+        finally:
+            await backend.aclose()
+    elif args.tcti:
         backend = TctiBackend(args.tcti)
         try:
             yield backend

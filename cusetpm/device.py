@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from typing import Awaitable, Callable, Protocol, TypeVar
 
@@ -53,6 +54,7 @@ class TpmDevice:
         self.available = False
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
+        self._work_send, self._work_recv = trio.open_memory_channel["DeviceFile"](math.inf)
 
     async def run(self, gen: Io[T]) -> T:
         """Drive a core generator against the backend.  The caller holds ``self.lock``."""
@@ -69,6 +71,30 @@ class TpmDevice:
                 await trio.sleep(req.seconds)  # type: ignore[union-attr]
                 reply = None
 
+    async def transmit(self, state: FileState) -> int:
+        """Run one user command of ``state``'s file under the chip lock (tpm_dev_transmit).
+
+        Shielded: once a command has started, its space must be saved or flushed.
+        """
+        with trio.CancelScope(shield=True):
+            try:
+                self.lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self.lock.acquire()
+            try:
+                return await self.run(tpm_dev_transmit(self.chip, state.space, state.buf))
+            finally:
+                self.lock.release()
+
+    def queue_work(self, f: "DeviceFile") -> None:
+        """Queue an O_NONBLOCK command (queue_work(tpm_dev_wq, ...)).  One worker task runs
+        them in order; they would wait for the chip lock one after another anyway."""
+        self._work_send.send_nowait(f)
+
+    async def _worker(self) -> None:
+        async for f in self._work_recv:
+            await f.async_work()
+
     async def register(self) -> None:
         """tpm_chip_register()'s auto-startup: self test, Startup, command table."""
         async with self.lock:
@@ -84,6 +110,7 @@ class TpmDevice:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._worker)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -147,35 +174,42 @@ class DeviceFile:
         if wake is not None:
             wake()
 
+    async def _acquire(self) -> None:
+        """Take the file lock.  Only the wait is shielded (the kernel's mutex_lock() cannot
+        be interrupted); the uncontended case costs no checkpoint."""
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.CancelScope(shield=True):
+                await self.lock.acquire()
+
     async def write(self, data: bytes, nonblock: bool) -> int:
         """tpm_common_write()."""
         FileState.check_size(len(data))
-        with trio.CancelScope(shield=True):
-            await self.lock.acquire()
-            handed_over = False
-            try:
-                self.state.accept_write(data)
-                if nonblock:
-                    # The worker inherits the file lock, as the kernel's async work takes the
-                    # mutex at once: a poll() or read() right after write() waits for it.
-                    self.state.command_enqueued = True
-                    self._work_done = trio.Event()
-                    self.device.spawn(self._async_work)
-                    handed_over = True
-                    return len(data)
-                if not self.device.available:
-                    raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
-                async with self.device.lock:
-                    result = await self.device.run(tpm_dev_transmit(self.device.chip, self.state.space, self.state.buf))
-                size = self.state.command_finished(result, len(data), trio.current_time())
-                if self.state.deadline is not None:
-                    self.device.arm_timer(self.state.deadline)
-                return size
-            finally:
-                if not handed_over:
-                    self.lock.release()
+        await self._acquire()
+        handed_over = False
+        try:
+            self.state.accept_write(data)
+            if nonblock:
+                # The worker inherits the file lock, as the kernel's async work takes the
+                # mutex at once: a poll() or read() right after write() waits for it.
+                self.state.command_enqueued = True
+                self._work_done = trio.Event()
+                self.device.queue_work(self)
+                handed_over = True
+                return len(data)
+            if not self.device.available:
+                raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
+            result = await self.device.transmit(self.state)
+            size = self.state.command_finished(result, len(data), trio.current_time())
+            if self.state.deadline is not None:
+                self.device.arm_timer(self.state.deadline)
+            return size
+        finally:
+            if not handed_over:
+                self.lock.release()
 
-    async def _async_work(self) -> None:
+    async def async_work(self) -> None:
         """tpm_dev_async_work(): the O_NONBLOCK command, run after write() returned.
 
         Runs holding the file lock that write() handed over.
@@ -183,18 +217,14 @@ class DeviceFile:
         assert self._work_done is not None
         done = self._work_done
         try:
-            with trio.CancelScope(shield=True):
-                if not self.device.available:
-                    self.state.async_ops_failed(errno.EIO)
-                else:
-                    async with self.device.lock:
-                        result = await self.device.run(
-                            tpm_dev_transmit(self.device.chip, self.state.space, self.state.buf)
-                        )
-                    self.state.async_finished(result, trio.current_time())
-                    if self.state.deadline is not None:
-                        self.device.arm_timer(self.state.deadline)
-                self._wake()
+            if not self.device.available:
+                self.state.async_ops_failed(errno.EIO)
+            else:
+                result = await self.device.transmit(self.state)
+                self.state.async_finished(result, trio.current_time())
+                if self.state.deadline is not None:
+                    self.device.arm_timer(self.state.deadline)
+            self._wake()
         finally:
             self.lock.release()
             done.set()
@@ -203,17 +233,20 @@ class DeviceFile:
         """tpm_common_read(); never EAGAIN: nothing pending reads as 0 bytes."""
         if size == 0 and self.device.profile.read_zero_returns_early:
             return b""
-        with trio.CancelScope(shield=True):
-            async with self.lock:
-                return self.state.read(size)
+        await self._acquire()
+        try:
+            return self.state.read(size)
+        finally:
+            self.lock.release()
 
     async def poll(self, wake: Callable[[], None] | None = None) -> int:
         """tpm_common_poll(): waits for a command in flight, then IN or OUT, never both."""
         if wake is not None:
             self._waiter = wake
-        with trio.CancelScope(shield=True):
-            async with self.lock:
-                return self.state.poll_mask()
+        await self._acquire()
+        mask = self.state.poll_mask()
+        self.lock.release()
+        return mask
 
     async def timeout_work(self) -> None:
         """tpm_timeout_work(): throw the unread response away and wake pollers."""

@@ -33,11 +33,7 @@ def rc_value(profile: KernelProfile, rc: int) -> int:
 
 def find_cc(chip: "Chip", cc: int) -> int:
     """tpm2_find_cc(): index of the first attribute entry matching ``cc``, or -1 (D5)."""
-    mask = chip.profile.find_cc_mask
-    for i, attrs in enumerate(chip.cc_attrs_tbl):
-        if cc == attrs & mask:
-            return i
-    return -1
+    return chip.cc_index.get(cc, -1)
 
 
 def flush_context(handle: int) -> Io[None]:
@@ -96,7 +92,7 @@ def get_cc_attrs_tbl(chip: "Chip") -> Io[int]:
         if attrs & 0xFFFF in (tpm.CC_CONTEXT_SAVE, tpm.CC_FLUSH_CONTEXT):
             attrs = (attrs & ~chandles_mask) | (1 << tpm.CC_ATTR_CHANDLES)
         table.append(attrs)
-    chip.cc_attrs_tbl = table
+    chip.set_cc_attrs(table)
     return 0
 
 

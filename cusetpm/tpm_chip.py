@@ -17,9 +17,22 @@ from .tpm2_space import Space
 @dataclass
 class Chip:
     profile: KernelProfile
-    #: TPMA_CC of every command the TPM implements (tpm2_get_cc_attrs_tbl()).
+    #: TPMA_CC of every command the TPM implements (tpm2_get_cc_attrs_tbl()).  Set it with
+    #: :meth:`set_cc_attrs`, which also indexes it.
     cc_attrs_tbl: list[int] = field(default_factory=list)
+    #: ``attrs & profile.find_cc_mask`` -> index of the first entry with it: tpm2_find_cc()'s
+    #: linear search, answered in one look-up (it runs three times per command).
+    cc_index: dict[int, int] = field(default_factory=dict)
     #: Scratch copy of the space of the file whose command is running (chip->work_space).
     work_space: Space = field(default_factory=Space)
     #: Command code of the command in progress (chip->last_cc).
     last_cc: int = 0
+
+    def __post_init__(self) -> None:
+        self.set_cc_attrs(self.cc_attrs_tbl)
+
+    def set_cc_attrs(self, table: list[int]) -> None:
+        self.cc_attrs_tbl = list(table)
+        self.cc_index = {}
+        for i, attrs in enumerate(self.cc_attrs_tbl):
+            self.cc_index.setdefault(attrs & self.profile.find_cc_mask, i)

@@ -387,7 +387,7 @@ def test_ten_byte_success_reads_stale_handle_bytes(chip, raw):
 
 def test_vendor_command_codes_follow_the_profile(chip, raw):
     vendor_entry = (1 << 29) | (1 << 28) | 0x0001  # V, rHandle, index 1
-    chip.cc_attrs_tbl.append(vendor_entry)
+    chip.set_cc_attrs(chip.cc_attrs_tbl + [vendor_entry])
     f = new_file(chip, raw)
     raw.injectors.append(lambda c: response(0) if be32(c, 6) in (0x20000001, 0x00000001) else None)
     vendor = f.cmd(tpm.command(0x20000001))
