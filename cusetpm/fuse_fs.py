@@ -6,7 +6,8 @@ I/O and non-seekable (pread/pwrite give ESPIPE), and poll is answered with wake-
 tpm2-tss's device TCTI works on it unchanged.  Differences from a character device, which
 FUSE decides before we see the call: write(fd, buf, 0) and read(fd, buf, 0) return 0, O_NONBLOCK
 is taken from open() (FUSE does not pass fcntl(F_SETFL) changes to pyfuse3's write handler),
-and writev() is one write.
+and writev() is one write.  ioctl gives ENOTTY as on the kernel's node: pyfuse3 has no ioctl
+handler, so libfuse answers ENOSYS and the kernel turns that into ENOTTY.
 """
 from __future__ import annotations
 
@@ -117,9 +118,6 @@ class TpmFuse(pyfuse3.Operations):
         f, _ = self.files.pop(fh, (None, False))
         if f is not None:
             await f.release()
-
-    async def ioctl(self, *args: Any) -> None:  # pragma: no cover - pyfuse3 may not route it
-        raise pyfuse3.FUSEError(errno.ENOTTY)
 
 
 async def serve_fuse(
