@@ -424,6 +424,8 @@ class Route:
     cmds: dict[str, float] = field(default_factory=dict)  # op -> backend commands per user cmd
     error: str | None = None
     count_error: str | None = None
+    #: µs for one request to the node file that does no TPM work (an idle read), node only.
+    request_us: float | None = None
 
     def median(self, op: str) -> float | None:
         b = self.batches.get(op)
@@ -499,14 +501,31 @@ def missing(p: Route) -> str | None:
     return f"not installed: {need} (Debian: {' '.join(sorted({pkgs.get(x, x) for x in progs + libs}))})"
 
 
+def request_floor(node: str, n: int = 2000) -> float:
+    """µs per idle read() of the node: one FUSE round trip through the daemon, no TPM work."""
+    fd = os.open(node, os.O_RDWR)
+    try:
+        for _ in range(50):
+            os.read(fd, 4096)
+        t = time.perf_counter()
+        for _ in range(n):
+            os.read(fd, 4096)
+        return (time.perf_counter() - t) / n * 1e6
+    finally:
+        os.close(fd)
+
+
 def measure(paths: list[Route], rig: Rig, rounds: int, sizes: dict[str, int], warmup: int) -> None:
     clients: dict[str, dict[str, Client]] = {}
+    nodes: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         for p in paths:
             if p.error:
                 continue
             try:
                 name, conf = p.setup(rig)
+                if name == "device":
+                    nodes[p.label] = conf
                 cs = open_clients(name, conf, stack)
                 for _, kind, meth in OPS:
                     for _ in range(warmup):
@@ -524,6 +543,9 @@ def measure(paths: list[Route], rig: Rig, rounds: int, sizes: dict[str, int], wa
                         p.batches.setdefault(op, []).append(time_batch(getattr(cs[kind], meth), sizes[meth]))
                     except Exception as exc:
                         p.error = f"{type(exc).__name__}: {exc}"
+        for p in paths:
+            if p.label in nodes and not p.error:
+                p.request_us = request_floor(nodes[p.label])
 
 
 def count_commands(paths: list[Route], rig: Rig, k: int) -> None:
@@ -614,6 +636,13 @@ def report(paths: list[Route], args: argparse.Namespace, elapsed: float, load: t
             print(f"Goal (node <= {GOAL}x direct): {p.label}: not measured")
             continue
         met = all(v / base <= GOAL for _, v, base in ratios)
+        if p.request_us is not None:
+            floor = 5 * p.request_us
+            print(
+                f"  {p.label}: one request to the node file costs {p.request_us:.0f} µs with no TPM work (an idle"
+                f" read); the device TCTI makes 5 per command (write, poll, read, poll, read): {floor:.0f} µs,"
+                f" {floor / ratios[0][2]:.2f}x direct GetRandom before any TPM work"
+            )
         detail = ", ".join(f"{op.split()[0]} {v / base:.2f}x" for op, v, base in ratios)
         print(f"Goal (node <= {GOAL}x direct, GetRandom and Sign): {p.label}: {'MET' if met else 'NOT MET'} ({detail})")
 
