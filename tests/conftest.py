@@ -1,0 +1,536 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Shared fixtures for the integration tests: a real ``cusetpm serve`` daemon per test.
+
+* ``daemon``: a factory fixture.  ``start = daemon; d = start(kernel="6.12", extra_args=())``
+  runs ``python -m cusetpm serve --fuse DIR --state-dir DIR -v`` as a subprocess (so the
+  daemon starts and owns its swtpm), waits for its "serving" line and returns a
+  :class:`Daemon` (``.node``, ``.mount``, ``.proc``, ``.log()``, ``.stop()``).  At teardown
+  every daemon still running gets SIGTERM, and for every daemon the fixture asserts exit
+  status 0, that the FUSE mount is gone and that no swtpm process of it is left.
+* ``node``: one default daemon, yields the path of its ``tpmrm0``.
+* ``swtpm_backend_handles(d)``: GetCapability(HANDLES) asked of the *backing* swtpm itself
+  (not through the resource manager), for transient objects and loaded/saved sessions;
+  ``settled_backend_handles(d)`` the same once the releases of files just closed are done
+  (FUSE delivers RELEASE after close() has returned).
+
+  swtpm serves one TCP client at a time and the daemon keeps its connection open for its
+  whole life, so a second client (tpm2-tools ``-T swtpm:...`` or a raw socket on the port
+  the daemon logs) is never accepted while the daemon runs.  Daemons that need to be
+  inspected are therefore started with ``start(..., inspectable=True)``: the test starts its
+  own swtpm behind a small in-process multiplexer (:class:`SwtpmMux`) and the daemon is run
+  with ``--tcti swtpm:host=127.0.0.1,port=P`` against it; the multiplexer forwards whole
+  commands one at a time, and the helper slips its own raw GetCapability in between.  Ask
+  only while the daemon is idle (no command in flight), or the answer is a snapshot of
+  the resource manager's work in progress.  (Such a daemon is given its TPM with
+  ``--tcti`` instead of starting one; the rest of cusetpm is the same.)
+* ``esapi(node)``: a tpm2-pytss ESAPI context on its own open file of the node (one
+  space), closed with the file; ``transient_handles(ectx)`` what that space lists.
+* ``tpm2(node, "tpm2_xxx", *args, cwd=...)``: runs an unmodified tpm2-tools command with
+  ``TPM2TOOLS_TCTI=device:NODE``; fails the test with its output unless ``check=False``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import pytest
+from tpm2_pytss import ESAPI, TCTILdr
+from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+HR_TRANSIENT = 0x80000000
+HR_LOADED_SESSION = 0x02000000
+HR_SAVED_SESSION = 0x03000000  # TPM_HT_ACTIVE_SESSION: sessions whose context is saved
+
+_SWTPM_LINE = re.compile(r"started swtpm \(pid (\d+)\) on 127\.0\.0\.1:(\d+)")
+
+
+# --- small process helpers ------------------------------------------------------------------
+
+
+def mounted(path: str | os.PathLike[str]) -> bool:
+    """Is ``path`` a mount point in this mount namespace?"""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == target:
+                return True
+    return False
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and text in cmdline:
+            found.append((int(entry), cmdline))
+    return found
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 free on loopback (swtpm's data and control channels)."""
+    for _ in range(200):
+        port = random.randrange(20000, 60000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free loopback port pair")
+
+
+# --- swtpm started by a test ----------------------------------------------------------------
+
+
+@dataclass
+class Swtpm:
+    """``swtpm socket --tpm2`` on loopback, started by the test (not by cusetpm)."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    state_dir: Path
+
+    @classmethod
+    def start(cls, state_dir: Path) -> "Swtpm":
+        state_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            port = free_port_pair()
+            proc = subprocess.Popen(
+                ["swtpm", "socket", "--tpm2",
+                 "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+                 "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                 "--tpmstate", f"dir={state_dir}",
+                 "--flags", "not-need-init,startup-clear"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    # Both channels listen; the probes close before any real client connects
+                    # (swtpm serves one data client at a time).
+                    socket.create_connection(("127.0.0.1", port + 1), timeout=1).close()
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    return cls(proc, port, state_dir)
+                except OSError:
+                    time.sleep(0.02)
+            proc.kill()
+            proc.wait()
+        raise RuntimeError("swtpm did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def recv_tpm_message(sock: socket.socket) -> bytes:
+    """One whole TPM command or response (10-byte header, size at offset 2)."""
+    header = _recv_exact(sock, 10)
+    (size,) = struct.unpack(">I", header[2:6])
+    return header + _recv_exact(sock, max(size - 10, 0))
+
+
+class SwtpmMux:
+    """A swtpm of the test's own, reachable by several clients at once.
+
+    Clients connect to ``port`` (raw TPM commands, as swtpm's data channel) and ``port + 1``
+    (forwarded byte for byte to swtpm's control channel, which tpm2-tss's swtpm TCTI uses to
+    set the locality).  Each whole command is forwarded on the one connection to swtpm under
+    a lock, so :meth:`transact` can put its own commands between the daemon's.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.swtpm = Swtpm.start(state_dir)
+        self._backend = socket.create_connection(("127.0.0.1", self.swtpm.port), timeout=30)
+        self._lock = threading.Lock()
+        self._closing = False
+        self._sockets: list[socket.socket] = []
+        self._listeners: list[socket.socket] = []
+        for _ in range(20):
+            port = free_port_pair()
+            try:
+                data = socket.create_server(("127.0.0.1", port))
+            except OSError:
+                continue
+            try:
+                ctrl = socket.create_server(("127.0.0.1", port + 1))
+            except OSError:
+                data.close()
+                continue
+            break
+        else:
+            raise RuntimeError("no free port pair for the multiplexer")
+        self.port = port
+        self._listeners = [data, ctrl]
+        threading.Thread(target=self._accept, args=(data, self._serve_data), daemon=True).start()
+        threading.Thread(target=self._accept, args=(ctrl, self._serve_ctrl), daemon=True).start()
+
+    def transact(self, command: bytes) -> bytes:
+        """Send one raw command to swtpm and return its response."""
+        with self._lock:
+            self._backend.sendall(command)
+            return recv_tpm_message(self._backend)
+
+    def _accept(self, listener: socket.socket, serve: Callable[[socket.socket], None]) -> None:
+        while not self._closing:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            self._sockets.append(conn)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    def _serve_data(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    command = recv_tpm_message(conn)
+                    conn.sendall(self.transact(command))
+                except (OSError, EOFError):
+                    return
+
+    def _serve_ctrl(self, conn: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.swtpm.port + 1), timeout=30)
+        except OSError:
+            conn.close()
+            return
+        self._sockets.append(upstream)
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while chunk := src.recv(4096):
+                    dst.sendall(chunk)
+            except OSError:
+                pass
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+        pump(conn, upstream)
+
+    def close(self) -> None:
+        self._closing = True
+        for s in self._listeners + self._sockets + [self._backend]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.swtpm.stop()
+
+
+# --- the daemon -----------------------------------------------------------------------------
+
+
+def _kill_daemon(proc: subprocess.Popen[bytes], mount: Path, state_dir: Path) -> None:
+    """Last resort for a daemon that hangs: kill it, the swtpm it started, and its mount."""
+    proc.kill()
+    proc.wait()
+    for pid, _ in processes_mentioning(str(state_dir)):  # its swtpm, by the state dir it was given
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
+
+
+@dataclass
+class Daemon:
+    """One ``python -m cusetpm serve --fuse`` subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    mount: Path
+    node: Path
+    state_dir: Path
+    log_path: Path
+    kernel: str
+    #: The swtpm the daemon started (None when it was given --tcti).
+    swtpm_pid: int | None = None
+    swtpm_port: int | None = None
+    #: The test's own swtpm behind a multiplexer (``inspectable=True``), else None.
+    mux: SwtpmMux | None = None
+    returncode: int | None = field(default=None, init=False)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Send ``sig`` (once) and wait for the exit status; kill it if it hangs."""
+        if self.returncode is not None:
+            return self.returncode
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _kill_daemon(self.proc, self.mount, self.state_dir)
+                self.returncode = self.proc.returncode
+                pytest.fail(f"cusetpm did not stop within {timeout} s of signal {sig}; log:\n{self.log()}")
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    def assert_stopped_cleanly(self) -> None:
+        """Exit status 0, mount gone, no swtpm of this daemon left."""
+        rc = self.stop()
+        assert rc == 0, f"cusetpm exited with status {rc}; log:\n{self.log()}"
+        assert not mounted(self.mount), f"{self.mount} is still mounted after cusetpm exited"
+        left = processes_mentioning(str(self.state_dir)) if self.mux is None else []
+        assert not left, f"swtpm processes of this daemon left running: {left}"
+        if self.swtpm_pid is not None:
+            assert not any(pid == self.swtpm_pid for pid, _ in processes_mentioning("swtpm")), (
+                f"swtpm pid {self.swtpm_pid} is still running"
+            )
+
+
+def _start(
+    base: Path, kernel: str, extra_args: Sequence[str], inspectable: bool, verbose: bool
+) -> Daemon:
+    base.mkdir(parents=True, exist_ok=True)
+    mount, state, log_path = base / "mnt", base / "state", base / "daemon.log"
+    args = ["--fuse", str(mount), "--kernel", kernel]
+    mux = None
+    if inspectable:
+        mux = SwtpmMux(base / "swtpm")
+        args += ["--tcti", f"swtpm:host=127.0.0.1,port={mux.port}"]
+    elif "--tcti" not in extra_args:
+        args += ["--state-dir", str(state)]
+    if verbose:
+        args.append("-v")
+    argv = [sys.executable, "-m", "cusetpm", "serve", *args, *extra_args]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a ^C on the test run must not reach it twice
+        )
+    d = Daemon(proc, mount, mount / "tpmrm0", state, log_path, kernel, mux=mux)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        text = d.log()
+        if f"cusetpm: serving {d.node} " in text:
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            why = f"exited with status {proc.returncode}" if proc.poll() is not None else "timed out"
+            if proc.poll() is None:
+                _kill_daemon(proc, mount, state)
+            if mux is not None:
+                mux.close()
+            pytest.fail(f"cusetpm did not start ({why}): {' '.join(argv)}\nlog:\n{text}")
+        time.sleep(0.05)
+    m = _SWTPM_LINE.search(text)
+    if m:
+        d.swtpm_pid, d.swtpm_port = int(m.group(1)), int(m.group(2))
+    elif not inspectable and verbose and "--tcti" not in extra_args:
+        pytest.fail(f"no 'started swtpm' line in the log of cusetpm -v:\n{text}")
+    assert os.path.exists(d.node), f"{d.node} does not exist although cusetpm says it serves it"
+    return d
+
+
+StartDaemon = Callable[..., Daemon]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[StartDaemon]:
+    """Factory: ``start(kernel="6.12", extra_args=(), inspectable=False, verbose=True)``."""
+    started: list[Daemon] = []
+
+    def start(
+        kernel: str = "6.12", extra_args: Sequence[str] = (), *, inspectable: bool = False, verbose: bool = True
+    ) -> Daemon:
+        d = _start(tmp_path / f"daemon{len(started)}", kernel, extra_args, inspectable, verbose)
+        started.append(d)
+        return d
+
+    yield start
+    try:
+        for d in started:
+            d.stop()
+        for d in started:
+            d.assert_stopped_cleanly()
+    finally:
+        for d in started:
+            if d.mux is not None:
+                d.mux.close()
+
+
+@pytest.fixture
+def node(daemon: StartDaemon) -> Path:
+    """The tpmrm0 node of a fresh default daemon."""
+    return daemon().node
+
+
+# --- asking the backing TPM directly --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendHandles:
+    transient: list[int]
+    loaded_sessions: list[int]
+    saved_sessions: list[int]
+
+
+def get_cap_handles(transact: Callable[[bytes], bytes], first: int) -> list[int]:
+    """GetCapability(TPM_CAP_HANDLES, first) as one raw command.
+
+    The TPM answers with the handles of ``first``'s type only; saved sessions are listed
+    under their session handles (0x02......).  Few enough for one answer here.
+    """
+    cmd = struct.pack(">HIIIII", 0x8001, 22, 0x17A, 1, first, 254)
+    rsp = transact(cmd)
+    _tag, _size, rc = struct.unpack(">HII", rsp[:10])
+    assert rc == 0, f"GetCapability(HANDLES, {first:#x}) failed on the backend: rc {rc:#x}"
+    more, cap, count = struct.unpack(">BII", rsp[10:19])
+    assert cap == 1 and not more, f"unexpected GetCapability answer {rsp.hex()}"
+    return list(struct.unpack(f">{count}I", rsp[19 : 19 + 4 * count]))
+
+
+def swtpm_backend_handles(d: Daemon) -> BackendHandles:
+    """The handles the backing swtpm itself holds, bypassing the resource manager.
+
+    Needs a daemon started with ``inspectable=True`` (see the module docstring for why a
+    daemon's own swtpm cannot be reached while the daemon runs).  Call it only while no
+    command is in flight through the node.
+    """
+    if d.mux is None:
+        raise AssertionError(
+            "swtpm_backend_handles() needs a daemon started with inspectable=True: swtpm "
+            "accepts one client at a time and the daemon holds that connection"
+        )
+    return BackendHandles(
+        transient=get_cap_handles(d.mux.transact, HR_TRANSIENT),
+        loaded_sessions=get_cap_handles(d.mux.transact, HR_LOADED_SESSION),
+        saved_sessions=get_cap_handles(d.mux.transact, HR_SAVED_SESSION),
+    )
+
+
+def settled_backend_handles(d: Daemon, quiet: float = 0.25, timeout: float = 10.0) -> BackendHandles:
+    """:func:`swtpm_backend_handles` once the daemon has caught up with closed files.
+
+    close() of a FUSE file returns before the daemon gets the file's RELEASE (FUSE sends it
+    asynchronously; /dev/tpmrm0's release runs before close() returns), so the sessions of a
+    file just closed are flushed a moment later.  This polls until the answer has stayed the
+    same for ``quiet`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last = swtpm_backend_handles(d)
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+        now = swtpm_backend_handles(d)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+@pytest.fixture
+def backend_handles() -> Callable[[Daemon], BackendHandles]:
+    """The :func:`swtpm_backend_handles` helper, as a fixture."""
+    return swtpm_backend_handles
+
+
+# --- tpm2-pytss ---------------------------------------------------------------------------------
+
+
+class Space(ESAPI):
+    """An ESAPI context on its own open file of the node (one space); ``close()`` closes
+    the file too, once."""
+
+    def __init__(self, node: Path) -> None:
+        self._device_tcti: TCTILdr | None = TCTILdr("device", str(node))
+        super().__init__(self._device_tcti)
+
+    def close(self) -> None:
+        super().close()
+        if self._device_tcti is not None:
+            self._device_tcti.close()
+            self._device_tcti = None
+
+
+@contextlib.contextmanager
+def esapi(node: Path) -> Iterator[Space]:
+    """``ESAPI(TCTILdr("device", node))``, finalized and its file closed on exit."""
+    ectx = Space(node)
+    try:
+        yield ectx
+    finally:
+        ectx.close()
+
+
+def transient_handles(ectx: ESAPI) -> list[int]:
+    """The transient handles this space lists (GetCapability through the node), sorted."""
+    more, data = ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 64)
+    assert not more
+    return sorted(int(h) for h in data.data.handles)
+
+
+# --- tpm2-tools --------------------------------------------------------------------------------
+
+
+def tpm2(
+    node: str | os.PathLike[str], *args: str, cwd: str | os.PathLike[str], input: bytes | None = None,
+    check: bool = True, timeout: float = 60,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run an unmodified tpm2-tools command against ``node`` (TCTI ``device:NODE``)."""
+    env = dict(os.environ, TPM2TOOLS_TCTI=f"device:{node}")
+    env.pop("TPM2TOOLS_ENABLE_ERRATA", None)
+    tool = shutil.which(args[0])
+    assert tool is not None, f"{args[0]} is not installed (Debian package tpm2-tools)"
+    proc = subprocess.run(
+        [tool, *args[1:]], cwd=cwd, env=env, input=input, capture_output=True, timeout=timeout,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{' '.join(args)} exited with {proc.returncode}\nstdout:\n{proc.stdout.decode(errors='replace')}"
+            f"\nstderr:\n{proc.stderr.decode(errors='replace')}"
+        )
+    return proc

@@ -1,0 +1,137 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The ``cusetpm serve`` command line, run as a real subprocess."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
+
+from conftest import (
+    REPO,
+    BackendHandles,
+    StartDaemon,
+    Swtpm,
+    esapi,
+    get_cap_handles,
+    mounted,
+    processes_mentioning,
+    recv_tpm_message,
+    swtpm_backend_handles,
+    tpm2,
+)
+
+
+def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m cusetpm serve ARGS`` to completion (for runs that must fail)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSS2_")}
+    return subprocess.run(
+        [sys.executable, "-m", "cusetpm", "serve", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=timeout,
+    )  # fmt: skip
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], mount: Path) -> None:
+    shown = f"exit status {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 1, shown
+    assert "Traceback" not in result.stderr, shown
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, shown
+    assert re.fullmatch(r"cusetpm: error: .*\b1\b.*", lines[0]), shown  # names the port it tried
+    assert not mounted(mount)
+
+
+@pytest.mark.parametrize("tcti", ["swtpm:port=1", "swtpm:host=127.0.0.1,port=1"])
+def test_unreachable_tcti_is_a_one_line_error_and_status_1(tmp_path: Path, tcti: str) -> None:
+    mount = tmp_path / "mnt"
+    _assert_one_line_error(serve("--fuse", str(mount), "--tcti", tcti), mount)
+
+
+def test_unreachable_mssim_tcti_is_a_one_line_error_and_status_1(tmp_path: Path) -> None:
+    mount = tmp_path / "mnt"
+    _assert_one_line_error(serve("--fuse", str(mount), "--tcti", "mssim:port=1"), mount)
+
+
+def test_unknown_kernel_is_rejected_by_argparse(tmp_path: Path) -> None:
+    mount, state = tmp_path / "mnt", tmp_path / "state"
+    result = serve("--fuse", str(mount), "--state-dir", str(state), "--kernel", "5.0")
+    assert result.returncode == 2, result
+    assert "argument --kernel: invalid choice: '5.0'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    # Rejected before anything started.
+    assert not state.exists() and not mounted(mount)
+    assert processes_mentioning(str(state)) == []
+
+
+def test_sigint_stops_with_status_0_and_unmounts(daemon: StartDaemon, tmp_path: Path) -> None:
+    d = daemon()
+    assert mounted(d.mount)
+    assert d.swtpm_pid is not None
+    assert d.swtpm_pid in [pid for pid, _ in processes_mentioning(str(d.state_dir))]
+    tpm2(d.node, "tpm2_getrandom", "8", cwd=tmp_path)
+    assert d.stop(signal.SIGINT) == 0, d.log()
+    assert not mounted(d.mount)
+    assert not d.node.exists()
+    assert processes_mentioning(str(d.state_dir)) == [], "the daemon's swtpm is still running"
+    assert "Traceback" not in d.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_with_a_client_still_open_flushes_its_sessions(daemon: StartDaemon, sig: int) -> None:
+    d = daemon(inspectable=True)  # its swtpm belongs to the test and outlives the daemon
+    with esapi(d.node) as ectx:
+        ectx.create_primary(None, "ecc256")
+        ectx.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.HMAC, None, TPM2_ALG.SHA256)
+        ectx.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, None, TPM2_ALG.SHA256)
+        assert len(swtpm_backend_handles(d).saved_sessions) == 2
+        assert d.stop(sig) == 0, d.log()
+        assert not mounted(d.mount)
+        # The daemon flushed the open file's sessions on its way out.
+        assert swtpm_backend_handles(d) == BackendHandles([], [], [])
+        # The file the client still holds is dead, not hanging.
+        with pytest.raises(Exception):
+            ectx.get_random(8)
+    assert "Traceback" not in d.log()
+
+
+def test_tcti_against_a_swtpm_started_by_the_test(daemon: StartDaemon, tmp_path: Path) -> None:
+    swtpm = Swtpm.start(tmp_path / "own-swtpm")
+    try:
+        d = daemon(extra_args=["--tcti", f"swtpm:port={swtpm.port}"])
+        assert d.swtpm_pid is None, "cusetpm must not start a swtpm of its own when given --tcti"
+        assert f"serving {d.node} " in d.log()
+        tpm2(d.node, "tpm2_createprimary", "-C", "o", "-c", "primary.ctx", cwd=tmp_path)
+        tpm2(d.node, "tpm2_create", "-C", "primary.ctx", "-u", "key.pub", "-r", "key.priv", cwd=tmp_path)
+        tpm2(d.node, "tpm2_load", "-C", "primary.ctx", "-u", "key.pub", "-r", "key.priv", "-c", "key.ctx", cwd=tmp_path)
+        random = tpm2(d.node, "tpm2_getrandom", "--hex", "16", cwd=tmp_path).stdout
+        assert len(random.strip()) == 32
+        tpm2(d.node, "tpm2_evictcontrol", "-C", "o", "-c", "primary.ctx", "0x81000001", cwd=tmp_path)
+        assert d.stop() == 0, d.log()
+        # The TPM it was given is not its to stop ...
+        assert swtpm.proc.poll() is None, "cusetpm stopped a swtpm it did not start"
+        # ... and it was that TPM which served the node: it holds the key persisted above.
+        with socket.create_connection(("127.0.0.1", swtpm.port), timeout=30) as raw:
+
+            def transact(command: bytes) -> bytes:
+                raw.sendall(command)
+                return recv_tpm_message(raw)
+
+            assert get_cap_handles(transact, 0x81000000) == [0x81000001]
+    finally:
+        swtpm.stop()
+
+
+@pytest.mark.parametrize("kernel", ["6.1", "6.12"])
+def test_both_kernel_profiles_serve(daemon: StartDaemon, tmp_path: Path, kernel: str) -> None:
+    d = daemon(kernel=kernel)
+    assert f"cusetpm: serving {d.node} (FUSE, kernel {kernel})" in d.log()
+    tpm2(d.node, "tpm2_createprimary", "-C", "o", "-c", "primary.ctx", cwd=tmp_path)
+    tpm2(d.node, "tpm2_startauthsession", "-S", "session.ctx", cwd=tmp_path)
+    tpm2(d.node, "tpm2_flushcontext", "session.ctx", cwd=tmp_path)
+    assert len(tpm2(d.node, "tpm2_getrandom", "8", cwd=tmp_path).stdout) == 8
