@@ -156,6 +156,9 @@ class TctiBackend:
     """
 
     def __init__(self, conf: str) -> None:
+        # tpm2-tss logs to stderr on its own; its failures reach the user as our one-line
+        # error instead.  TSS2_LOG set by the user wins.
+        os.environ.setdefault("TSS2_LOG", "all+NONE")
         from tpm2_pytss.TCTILdr import TCTILdr
 
         name, _, rest = conf.partition(":")
