@@ -145,3 +145,71 @@ def test_kernel_selftest(daemon: StartDaemon, selftests: Path, tmp_path: Path, c
     assert re.search(r"^OK$", output, re.M), shown  # no failures, errors or skips
     for name in expected:
         assert re.search(rf"^{name} \(tpm2_tests\.{cls}(\.{name})?\)( \.\.\.|\n.*\.\.\.) ok$", output, re.M), shown
+
+
+# --- in a guest: the real kernel's node, then the CUSE node ------------------------------------
+
+GUEST_SCRIPT = r"""
+set -u
+share=$1 selftests=$2 python=$3 kernel=$4 ns_script=$5
+export PYTHONPATH="$selftests" PYTHONDONTWRITEBYTECODE=1
+mkdir -p "$share/kernel-cwd" "$share/cuse-cwd"
+for cls in SmokeTest SpaceTest AsyncTest; do
+    (cd "$share/kernel-cwd" && "$python" -m unittest -v "tpm2_tests.$cls") > "$share/kernel-$cls.txt" 2>&1
+    echo $? > "$share/kernel-$cls.rc"
+done
+"$python" -m cusetpm serve --cuse tpmrmcuse --kernel "$kernel" --state-dir /tmp/cusetpm-st > "$share/daemon.log" 2>&1 &
+daemon=$!
+for i in $(seq 150); do grep -q serving "$share/daemon.log" && break; sleep 0.2; done
+# The namespace script replaces /dev; give it the node from outside /dev.
+touch /run/cusenode && mount --bind /dev/tpmrmcuse /run/cusenode
+for cls in SmokeTest SpaceTest AsyncTest; do
+    (cd "$share/cuse-cwd" && unshare --mount --propagation private -- sh -c "$ns_script" sh \
+        /run/cusenode "$share/ns-$cls" "$python" "tpm2_tests.$cls") > "$share/cuse-$cls.txt" 2>&1
+    echo $? > "$share/cuse-$cls.rc"
+done
+umount /run/cusenode
+kill -TERM $daemon; wait $daemon; echo $? > "$share/daemon.rc"
+"""
+
+
+def _assert_unittest_passed(output: str, rc: int, cls: str, expected: list[str], what: str) -> None:
+    shown = f"unittest -v tpm2_tests.{cls} against {what} exited {rc}:\n{output}"
+    assert rc == 0, shown
+    ran = re.search(r"^Ran (\d+) tests? in ", output, re.M)
+    assert ran and int(ran.group(1)) == len(expected), shown
+    assert re.search(r"^OK$", output, re.M), shown
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("kernel", ["6.1", "6.12"])
+def test_kernel_selftests_in_a_guest_on_the_kernel_node_and_the_cuse_node(
+    selftests: Path, tmp_path: Path, kernel: str
+) -> None:
+    """In one guest booting the real kernel: the selftests pass against its own /dev/tpmrm0
+    (and /dev/tpm0), and against our CUSE node with the matching profile."""
+    from cusetpm.rig import guest_swtpm_prelude, run_in_guest
+
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "ns.sh").write_text(NAMESPACE_SCRIPT)
+    command = (
+        guest_swtpm_prelude()
+        + f" && sh -c {_sh_quote(GUEST_SCRIPT)} sh {share} {selftests} {sys.executable} {kernel}"
+        + f' "$(cat {share}/ns.sh)"'
+    )
+    result = run_in_guest(kernel, command, timeout=900, share=str(share))
+    assert result.returncode == 0, result.output + result.console[-3000:]
+    log = (share / "daemon.log").read_text()
+    assert "serving /dev/tpmrmcuse (CUSE" in log, log
+    assert (share / "daemon.rc").read_text().strip() == "0", log
+    for cls in CLASSES:
+        expected = _test_methods(selftests, cls)
+        for target, what in (("kernel", f"the {kernel} kernel's /dev/tpmrm0"), ("cuse", f"the CUSE node ({kernel})")):
+            output = (share / f"{target}-{cls}.txt").read_text()
+            rc = int((share / f"{target}-{cls}.rc").read_text())
+            _assert_unittest_passed(output, rc, cls, expected, what)
+
+
+def _sh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
