@@ -19,7 +19,6 @@ from typing import Awaitable, Callable, Protocol, TypeVar
 
 import trio
 
-from . import tpm
 from .profiles import KernelProfile
 from .tpm import Io, Send
 from .tpm2_cmd import auto_startup

@@ -47,24 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from cusetpm.backends import free_port_pair
+
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 1.5  # the node must cost at most GOAL x direct (the project's issue)
 
 # --- processes and ports -----------------------------------------------------------------
-
-
-def free_port_pair() -> int:
-    """A port P with P and P+1 free on loopback (swtpm data + control ports)."""
-    for _ in range(200):
-        port = random.randrange(20000, 60000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free loopback port pair")
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import shutil
 import signal
@@ -49,6 +48,8 @@ from typing import Callable, Iterator, Sequence
 import pytest
 from tpm2_pytss import ESAPI, TCTILdr
 from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
+
+from cusetpm.backends import free_port_pair
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
@@ -91,20 +92,6 @@ def processes_mentioning(text: str) -> list[tuple[int, str]]:
         if state != "Z" and text in cmdline:
             found.append((int(entry), cmdline))
     return found
-
-
-def free_port_pair() -> int:
-    """A port P with P and P+1 free on loopback (swtpm's data and control channels)."""
-    for _ in range(200):
-        port = random.randrange(20000, 60000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free loopback port pair")
 
 
 # --- swtpm started by a test ----------------------------------------------------------------
@@ -534,3 +521,16 @@ def tpm2(
             f"\nstderr:\n{proc.stderr.decode(errors='replace')}"
         )
     return proc
+
+
+# --- a real swtpm for the core's unit tests -------------------------------------------------
+
+
+@pytest.fixture
+def raw():  # type: ignore[no-untyped-def]
+    """A fresh swtpm driven synchronously (see helpers.RawTpm), stopped after the test."""
+    from helpers import RawTpm
+
+    r = RawTpm.start()
+    yield r
+    r.close()

@@ -11,13 +11,6 @@ from cusetpm.tpm_chip import Chip
 from helpers import RawTpm, response
 
 
-@pytest.fixture
-def raw():
-    r = RawTpm.start()
-    yield r
-    r.close()
-
-
 def test_auto_startup_reads_the_table_and_forces_one_handle(raw):
     chip = Chip(PROFILES["6.12"])
     raw.run(auto_startup(chip))

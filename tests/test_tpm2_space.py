@@ -10,19 +10,12 @@ from cusetpm import tpm
 from cusetpm.tpm import be32, u32
 from cusetpm.tpm2_space import SAVED, vhandle
 from helpers import (
-    RawTpm, SyncFile, context_load, context_save, create_primary, flush_context, get_cap_handles,
+    SyncFile, context_load, context_save, create_primary, flush_context, get_cap_handles,
     get_random, handles_of, make_chip, rc, read_public, response, start_auth_session,
 )  # fmt: skip
 
 CS, CL, FC = tpm.CC_CONTEXT_SAVE, tpm.CC_CONTEXT_LOAD, tpm.CC_FLUSH_CONTEXT
 V0, V1, V2 = vhandle(0), vhandle(1), vhandle(2)
-
-
-@pytest.fixture
-def raw():
-    r = RawTpm.start()
-    yield r
-    r.close()
 
 
 @pytest.fixture(params=["6.1", "6.12"])

@@ -9,14 +9,7 @@ import pytest
 from cusetpm import tpm
 from cusetpm.tpm import be32
 from cusetpm.tpm_dev_common import POLL_IN, POLL_OUT, USER_READ_TIMEOUT, FileState
-from helpers import RawTpm, SyncFile, get_random, make_chip, rc, read_public, response
-
-
-@pytest.fixture
-def raw():
-    r = RawTpm.start()
-    yield r
-    r.close()
+from helpers import SyncFile, get_random, make_chip, rc, read_public, response
 
 
 @pytest.fixture(params=["6.1", "6.12"])
