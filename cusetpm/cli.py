@@ -15,6 +15,7 @@ from typing import AsyncIterator, Sequence
 import trio
 
 from .backends import BackendError, SocketBackend, TctiBackend, managed_swtpm, swtpm_address
+from .conformance import add_conformance_parser, run_conformance
 from .device import Backend, TpmDevice
 from .profiles import DEFAULT_PROFILE, PROFILES, get_profile
 from .tpm2_cmd import ChipInitError
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tcti", metavar="CONF", help="backing TPM as a tpm2-tss TCTI, e.g. swtpm:port=2321")
     serve.add_argument("--state-dir", type=Path, help="state directory of the managed swtpm")
     serve.add_argument("-v", "--verbose", action="count", default=0)
+    add_conformance_parser(sub)
     return parser
 
 
@@ -146,6 +148,8 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "conformance":
+        return run_conformance(args)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2), format="cusetpm: %(levelname)s %(name)s: %(message)s"
     )
