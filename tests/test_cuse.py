@@ -338,3 +338,21 @@ def test_cuse_in_real_kernel(version: str) -> None:
         "fixed_major_minor",
     ):
         assert f"ok {name}" in result.output, result.output
+
+
+@pytest.mark.guest
+def test_signals_leave_the_tpm_node_consistent() -> None:
+    """The real TPM device behind CUSE, in a 6.12 guest: slow commands interrupted by a
+    signal every millisecond still return their real results (tpmrm's operations cannot be
+    interrupted), and the space holds exactly the objects created."""
+    from cusetpm.rig import run_in_guest
+
+    here = Path(__file__).resolve().parent
+    script = (
+        f"{sys.executable} -m cusetpm serve --cuse tpmrmsig --state-dir /tmp/st > /tmp/d.log 2>&1 & "
+        "for i in $(seq 150); do grep -q serving /tmp/d.log && break; sleep 0.2; done; "
+        f"{sys.executable} {here / 'cuse_signal_check.py'} /dev/tpmrmsig; rc=$?; "
+        "kill -TERM %1 2>/dev/null || kill -TERM $(pgrep -f 'serve --cuse tpmrmsig'); wait; cat /tmp/d.log; exit $rc"
+    )
+    result = run_in_guest("6.12", script, timeout=600)
+    assert result.returncode == 0 and "OK " in result.output, result.output + result.console[-2000:]
