@@ -115,7 +115,18 @@ class TpmDevice:
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
+                await self._drain_work()
                 await self.close_all()
+
+    async def _drain_work(self) -> None:
+        """Run O_NONBLOCK commands still queued when the worker stopped: their files hold
+        the file lock for them, and close waits for them, as the kernel's does."""
+        while True:
+            try:
+                f = self._work_recv.receive_nowait()
+            except trio.WouldBlock:
+                return
+            await f.async_work()
 
     async def close_all(self) -> None:
         """Release every open file, as the kernel would on close (used at shutdown)."""

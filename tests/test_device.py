@@ -186,3 +186,24 @@ def test_shutdown_flushes_every_open_files_sessions(tmp_path):
             assert backend.commands_sent > sent
 
     trio.run(main)
+
+
+def test_shutdown_runs_queued_async_commands_then_closes(tmp_path):
+    async def main():
+        async with managed_swtpm(tmp_path / "state") as backend:
+            dev = TpmDevice(backend, PROFILES["6.12"])
+            await dev.register()
+            files = []
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(dev.serve)
+                    for _ in range(3):
+                        f = dev.open()
+                        await cmd(f, start_auth_session())
+                        await f.write(create_primary(), True)  # queued, maybe not started
+                        files.append(f)
+                    nursery.cancel_scope.cancel()
+            assert dev.files == set() and all(f.closed for f in files)
+            assert all(f.state.response_length > 0 for f in files)  # each queued command ran
+
+    trio.run(main)
