@@ -53,12 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 async def open_backend(args: argparse.Namespace) -> AsyncIterator[Backend]:
     address = swtpm_address(args.tcti) if args.tcti else None
     if address:
-        backend: Backend = SocketBackend(*address)
-        await backend.connect()
+        sock = SocketBackend(*address)
+        await sock.connect()
         try:
-            yield backend
+            yield sock
         finally:
-            await backend.aclose()
+            await sock.aclose()
     elif args.tcti:
         backend = TctiBackend(args.tcti)
         try:

@@ -594,9 +594,9 @@ class _Runner:
                 if a[0] in self.files:
                     raise _HarnessError(f"file {a[0]!r} is already open")
                 flags = os.O_RDWR
-                for f in a[1:]:
-                    if f in _OPEN_MODES:
-                        flags = (flags & ~os.O_ACCMODE) | _OPEN_MODES[f]
+                for word in a[1:]:
+                    if word in _OPEN_MODES:
+                        flags = (flags & ~os.O_ACCMODE) | _OPEN_MODES[word]
                     else:
                         flags |= os.O_NONBLOCK
                 self.files[a[0]] = _FileTrack(os.open(self.node, flags | os.O_CLOEXEC))
@@ -747,8 +747,8 @@ def run_scenario(
             want = step.expected_for(kernel)
             ok = None
             if want is not None:
-                tokens = result.split()
-                ok = all(t in tokens for t in want)
+                got = result.split()
+                ok = all(t in got for t in want)
             steps.append({
                 "line": step.line, "op": step.text, "result": result,
                 "expected": " ".join(want) if want is not None else None, "expect_ok": ok,

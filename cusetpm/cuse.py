@@ -220,9 +220,9 @@ class _Server:
             mask = await self.file(req.fh).poll(wake)
             return proto.reply_poll(req.unique, mask)
         if isinstance(req, proto.Release):
-            f = self.files.pop(req.fh, None)
-            if f is not None:
-                await f.release()
+            released = self.files.pop(req.fh, None)
+            if released is not None:
+                await released.release()
             return proto.reply(req.unique)
         raise AssertionError(f"no handler for {req!r}")
 

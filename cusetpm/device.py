@@ -81,9 +81,10 @@ class TpmDevice:
             except trio.WouldBlock:
                 await self.lock.acquire()
             try:
-                return await self.run(tpm_dev_transmit(self.chip, state.space, state.buf))
+                result = await self.run(tpm_dev_transmit(self.chip, state.space, state.buf))
             finally:
                 self.lock.release()
+        return result
 
     def queue_work(self, f: "DeviceFile") -> None:
         """Queue an O_NONBLOCK command (queue_work(tpm_dev_wq, ...)).  One worker task runs

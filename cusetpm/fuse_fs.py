@@ -97,14 +97,14 @@ class TpmFuse(pyfuse3.Operations):
         try:
             return await f.write(bytes(buf), nonblock)
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         f, nonblock = self._file(fh)
         try:
             return await f.read(size, nonblock)
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
     async def poll(self, inode: int, fh: int, poll_handle: Any, ctx: Any) -> int:
         f, _ = self._file(fh)
