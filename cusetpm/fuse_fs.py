@@ -12,10 +12,11 @@ handler, so libfuse answers ENOSYS and the kernel turns that into ENOTTY.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
-from typing import Any
+from typing import Any, Awaitable, Callable, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -25,6 +26,31 @@ from .device import DeviceFile, TpmDevice
 log = logging.getLogger(__name__)
 
 FILE_INODE = pyfuse3.ROOT_INODE + 1
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def errno_reply(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Answer a handler's OSError with its errno, and any other exception with EIO.
+
+    pyfuse3 lets anything but FUSEError escape and stop the whole file system; one bad
+    request must never take the daemon down.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("FUSE %s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
 
 
 class TpmFuse(pyfuse3.Operations):
@@ -78,6 +104,7 @@ class TpmFuse(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         return None
 
+    @errno_reply
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if inode != FILE_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -92,20 +119,17 @@ class TpmFuse(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
+    @errno_reply
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         f, nonblock = self._file(fh)
-        try:
-            return await f.write(bytes(buf), nonblock)
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        return await f.write(bytes(buf), nonblock)
 
+    @errno_reply
     async def read(self, fh: int, off: int, size: int) -> bytes:
         f, nonblock = self._file(fh)
-        try:
-            return await f.read(size, nonblock)
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        return await f.read(size, nonblock)
 
+    @errno_reply
     async def poll(self, inode: int, fh: int, poll_handle: Any, ctx: Any) -> int:
         f, _ = self._file(fh)
         wake = poll_handle.notify if poll_handle is not None else None
@@ -114,6 +138,7 @@ class TpmFuse(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         return None
 
+    @errno_reply
     async def release(self, fh: int) -> None:
         f, _ = self.files.pop(fh, (None, False))
         if f is not None:
