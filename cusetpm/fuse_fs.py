@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 import stat
-from typing import Any, Awaitable, Callable, ParamSpec, TypeVar
+from typing import Any, Callable, Coroutine, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -31,7 +31,7 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-def errno_reply(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def errno_reply(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Answer a handler's OSError with its errno, and any other exception with EIO.
 
     pyfuse3 lets anything but FUSEError escape and stop the whole file system; one bad
