@@ -764,11 +764,40 @@ def run_scenario(
 # inside the guest: fresh kernel chips and fresh daemons
 
 
+class _Side:
+    """One side of a comparison that may need to be started more than once."""
+
+    MAX_ATTEMPTS = 3
+    READY_TIMEOUT = 20.0
+    attempts: int
+
+    def _wait(self, timeout: float) -> str:
+        raise NotImplementedError
+
+    def _restart(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def ready(self, timeout: float | None = None) -> str:
+        """Wait until the side serves its node; start it again (up to MAX_ATTEMPTS times in
+        all) if it fails to.  Returns the node path."""
+        while True:
+            try:
+                return self._wait(self.READY_TIMEOUT if timeout is None else timeout)
+            except SideError:
+                if self.attempts >= self.MAX_ATTEMPTS:
+                    raise
+                self.stop()
+                self._restart()
+
+
 class SideError(RuntimeError):
     """A kernel chip or a daemon could not be started."""
 
 
-class KernelChip:
+class KernelChip(_Side):
     """A fresh ``swtpm chardev --vtpm-proxy``: the real kernel RM at /dev/tpmrmN."""
 
     def __init__(self, workdir: Path) -> None:
@@ -791,18 +820,11 @@ class KernelChip:
             )
         self.started = time.monotonic()
 
-    def ready(self, timeout: float = 20.0) -> str:
-        """Wait for the chip's /dev/tpmrmN; retries with a new swtpm (registration can time
-        out under load).  Returns the node path."""
-        while True:
-            try:
-                return self._wait(timeout)
-            except SideError:
-                if self.attempts >= 3:
-                    raise
-                self.stop()
+    #: Registration can time out under load; ready() then retries with a new swtpm.
+    READY_TIMEOUT = 20.0
 
-                self._start()
+    def _restart(self) -> None:
+        self._start()
 
     def _wait(self, timeout: float) -> str:
         deadline = self.started + timeout
@@ -909,7 +931,7 @@ def mount_fusectl() -> None:
         subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True)
 
 
-class ForkedDaemon:
+class ForkedDaemon(_Side):
     """``cusetpm serve`` as a child process, forked from this (pre-imported) interpreter.
 
     The child runs the real command line, :func:`cusetpm.cli.main`, with a fresh
@@ -987,19 +1009,13 @@ class ForkedDaemon:
         self.returncode = os.waitstatus_to_exitcode(status)
         return True
 
-    def ready(self, timeout: float = 60.0) -> str:
-        """Wait for the "serving" line; returns the node.  A daemon that exits before it
-        is started again, with a fresh state directory (up to 3 times): under TCG and a
-        loaded host, a fresh swtpm's first SelfTest can exceed the kernel's 2 s duration,
-        which the daemon reproduces faithfully (the kernel chips are retried the same way)."""
-        while True:
-            try:
-                return self._wait(timeout)
-            except SideError:
-                if self.attempts >= 3:
-                    raise
-                self.stop()
-                self._fork()
+    #: A daemon that exits before its "serving" line is started again with a fresh state
+    #: directory: under TCG and a loaded host, a fresh swtpm's first SelfTest can exceed the
+    #: kernel's 2 s duration, which the daemon reproduces faithfully.
+    READY_TIMEOUT = 60.0
+
+    def _restart(self) -> None:
+        self._fork()
 
     def _wait(self, timeout: float) -> str:
         deadline = self.started + timeout
