@@ -154,13 +154,16 @@ class TpmDevice:
 
     async def _timer_loop(self) -> None:
         while True:
-            deadlines = [f.state.deadline for f in self.files if f.state.deadline is not None]
-            with trio.CancelScope(deadline=min(deadlines, default=float("inf"))) as scope:
+            # A file whose timeout work is already queued (it may wait for the file lock
+            # behind a long command) is left out, or the loop would spin on its deadline.
+            waiting = [f for f in self.files if f.state.deadline is not None and not f.timeout_queued]
+            with trio.CancelScope(deadline=min((f.state.deadline for f in waiting), default=math.inf)) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             now = trio.current_time()
-            for f in list(self.files):
-                if f.state.deadline is not None and f.state.deadline <= now:
+            for f in waiting:
+                if f.state.deadline is not None and f.state.deadline <= now and f in self.files:
+                    f.timeout_queued = True
                     self.spawn(f.timeout_work)
 
 
@@ -177,6 +180,8 @@ class DeviceFile:
         #: the latest registration stands for every poller of the file.
         self._waiter: Callable[[], None] | None = None
         self._work_done: trio.Event | None = None
+        #: The timer has fired and timeout_work is queued for this file.
+        self.timeout_queued = False
         self.closed = False
 
     def _wake(self) -> None:
@@ -184,6 +189,11 @@ class DeviceFile:
         wake, self._waiter = self._waiter, None
         if wake is not None:
             wake()
+
+    def _arm_timer(self) -> None:
+        """mod_timer(&priv->user_read_timer): a response (or async errno) is now pending."""
+        if self.state.deadline is not None:
+            self.device.arm_timer(self.state.deadline)
 
     async def _acquire(self) -> None:
         """Take the file lock.  Only the wait is shielded (the kernel's mutex_lock() cannot
@@ -213,8 +223,7 @@ class DeviceFile:
                 raise OSError(errno.EPIPE, os.strerror(errno.EPIPE))
             result = await self.device.transmit(self.state)
             size = self.state.command_finished(result, len(data), trio.current_time())
-            if self.state.deadline is not None:
-                self.device.arm_timer(self.state.deadline)
+            self._arm_timer()
             return size
         finally:
             if not handed_over:
@@ -233,8 +242,7 @@ class DeviceFile:
             else:
                 result = await self.device.transmit(self.state)
                 self.state.async_finished(result, trio.current_time())
-                if self.state.deadline is not None:
-                    self.device.arm_timer(self.state.deadline)
+                self._arm_timer()
             self._wake()
         finally:
             self.lock.release()
@@ -263,7 +271,9 @@ class DeviceFile:
         """tpm_timeout_work(): throw the unread response away and wake pollers."""
         with trio.CancelScope(shield=True):
             async with self.lock:
+                self.timeout_queued = False
                 if self.state.deadline is None or self.state.deadline > trio.current_time():
+                    self._arm_timer()  # a new response came meanwhile: its own deadline
                     return
                 log.warning("TPM user space timeout is deprecated (pid=0)")
                 self.state.timeout()

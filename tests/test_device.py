@@ -207,3 +207,24 @@ def test_shutdown_runs_queued_async_commands_then_closes(tmp_path):
             assert all(f.state.response_length > 0 for f in files)  # each queued command ran
 
     trio.run(main)
+
+
+@with_device()
+async def test_expired_timer_behind_a_busy_lock_queues_one_timeout(dev):
+    """The timer fires while the file lock is held: one timeout is queued, not one per loop."""
+    f = dev.open()
+    tpm_dev_common.USER_READ_TIMEOUT, saved = 0.2, tpm_dev_common.USER_READ_TIMEOUT
+    spawned = []
+    real_spawn = dev.spawn
+    dev.spawn = lambda fn: (spawned.append(fn), real_spawn(fn))  # type: ignore[method-assign]
+    try:
+        await f.write(get_random(8), False)
+        await f.lock.acquire()  # as a long command of this file would
+        await trio.sleep(0.6)
+        f.lock.release()
+        await trio.sleep(0.1)
+        assert len(spawned) == 1
+        assert await f.read(4096) == b""  # discarded once the lock was free
+        assert rc(await cmd(f, get_random())) == 0
+    finally:
+        tpm_dev_common.USER_READ_TIMEOUT = saved
