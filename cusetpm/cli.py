@@ -51,23 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextlib.asynccontextmanager
 async def open_backend(args: argparse.Namespace) -> AsyncIterator[Backend]:
-    address = swtpm_address(args.tcti) if args.tcti else None
+    """The backing TPM the options ask for, closed (or stopped) on exit."""
+    if not args.tcti:
+        async with managed_swtpm(args.state_dir) as managed:
+            yield managed
+        return
+    address = swtpm_address(args.tcti)
+    backend: SocketBackend | TctiBackend
     if address:
-        sock = SocketBackend(*address)
-        await sock.connect()
-        try:
-            yield sock
-        finally:
-            await sock.aclose()
-    elif args.tcti:
-        backend = TctiBackend(args.tcti)
-        try:
-            yield backend
-        finally:
-            await backend.aclose()
+        backend = SocketBackend(*address)
+        await backend.connect()
     else:
-        async with managed_swtpm(args.state_dir) as sock_backend:
-            yield sock_backend
+        backend = TctiBackend(args.tcti)
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
 
 
 def default_fuse_dir() -> str:

@@ -156,8 +156,8 @@ class TpmDevice:
         while True:
             # A file whose timeout work is already queued (it may wait for the file lock
             # behind a long command) is left out, or the loop would spin on its deadline.
-            waiting = [f for f in self.files if f.state.deadline is not None and not f.timeout_queued]
-            with trio.CancelScope(deadline=min((f.state.deadline for f in waiting), default=math.inf)) as scope:
+            waiting = {f: f.state.deadline for f in self.files if f.state.deadline is not None and not f.timeout_queued}
+            with trio.CancelScope(deadline=min(waiting.values(), default=math.inf)) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             now = trio.current_time()
