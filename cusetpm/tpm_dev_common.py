@@ -30,9 +30,8 @@ if TYPE_CHECKING:
 USER_READ_TIMEOUT = 120.0
 
 #: tpm_dev_transmit()'s answer to a command code the TPM does not implement.
-COMMAND_CODE_RESPONSE = tpm.command(0, b"")[:2] + bytes.fromhex("0000000a") + (
-    tpm.RC_COMMAND_CODE | tpm.RC_RESMGR_TPM_LAYER
-).to_bytes(4, "big")
+#: (A response header has a command's layout, with the rc where the command code goes.)
+COMMAND_CODE_RESPONSE = tpm.command(tpm.RC_COMMAND_CODE | tpm.RC_RESMGR_TPM_LAYER)
 
 POLL_IN = select.POLLIN | select.POLLRDNORM
 POLL_OUT = select.POLLOUT | select.POLLWRNORM
