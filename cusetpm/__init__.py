@@ -1,4 +1,9 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""cusetpm: Linux's /dev/tpmrm0, in user space, over CUSE or FUSE."""
+"""cusetpm: a user-space, kernel-faithful /dev/tpmrm0 over CUSE or FUSE.
+
+Layers (docs/architecture.md): ``kernel`` (the sans-I/O port), ``backends`` (where commands
+go), ``daemon`` (the chip and its nodes on trio), ``frontends`` (CUSE and FUSE), ``cli``;
+``conformance`` and ``rig`` prove it against the real kernels.
+"""
 
 __version__ = "0.1.0"

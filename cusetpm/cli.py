@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import Sequence
 
 import trio
 
-from .backends import BackendError, SocketBackend, TctiBackend, managed_swtpm, swtpm_address
-from .conformance import add_conformance_parser, run_conformance
-from .device import Backend, TpmDevice
-from .profiles import DEFAULT_PROFILE, PROFILES, get_profile
-from .tpm2_cmd import ChipInitError
+from .backends import BackendError, open_backend
+from .daemon import Node, TpmChip
+from .kernel.profiles import DEFAULT_PROFILE, PROFILES, get_profile
+from .kernel.tpm2_cmd import ChipInitError
 
 log = logging.getLogger("cusetpm")
 
@@ -44,29 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tcti", metavar="CONF", help="backing TPM as a tpm2-tss TCTI, e.g. swtpm:port=2321")
     serve.add_argument("--state-dir", type=Path, help="state directory of the managed swtpm")
+    serve.add_argument(
+        "--ready-fd", type=int, metavar="N",
+        help="once the node serves, write its path and a newline to file descriptor N and close it",
+    )  # fmt: skip
     serve.add_argument("-v", "--verbose", action="count", default=0)
+    # Only the parser: the harness itself is imported when `conformance` runs.
+    from .conformance.cli import add_conformance_parser
+
     add_conformance_parser(sub)
     return parser
-
-
-@contextlib.asynccontextmanager
-async def open_backend(args: argparse.Namespace) -> AsyncIterator[Backend]:
-    """The backing TPM the options ask for, closed (or stopped) on exit."""
-    if not args.tcti:
-        async with managed_swtpm(args.state_dir) as managed:
-            yield managed
-        return
-    address = swtpm_address(args.tcti)
-    backend: SocketBackend | TctiBackend
-    if address:
-        backend = SocketBackend(*address)
-        await backend.connect()
-    else:
-        backend = TctiBackend(args.tcti)
-    try:
-        yield backend
-    finally:
-        await backend.aclose()
 
 
 def default_fuse_dir() -> str:
@@ -116,27 +101,30 @@ async def serve(args: argparse.Namespace) -> int:
     profile = get_profile(args.kernel)
     kind, where = choose_node(args)
     mode = int(args.mode, 8)
-    async with open_backend(args) as backend:
-        device = TpmDevice(backend, profile)
+    async with open_backend(args.tcti, args.state_dir) as backend:
+        chip = TpmChip(backend)
         with trio.fail_after(30):
-            await device.register()
+            await chip.register()
         async with trio.open_nursery() as nursery:
-            await nursery.start(device.serve)
+            await nursery.start(chip.serve)
             if kind == "cuse":
-                from .cuse import serve_cuse
+                from .frontends.cuse import serve_cuse
 
-                node = os.path.join("/dev", where)
+                node = Node(chip, profile, where)
+                path = os.path.join("/dev", where)
                 await nursery.start(functools.partial(
-                    serve_cuse, device, where, major=args.major, minor=args.minor, mode=mode,
+                    serve_cuse, node, where, major=args.major, minor=args.minor, mode=mode,
                     owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
             else:
-                from .fuse_fs import serve_fuse
+                from .frontends.fuse import serve_fuse
 
-                name = args.name or "tpmrm0"
-                node = os.path.join(os.path.abspath(where), name)
-                await nursery.start(functools.partial(serve_fuse, device, where, name=name, mode=mode))
-            print(f"cusetpm: serving {node} ({kind.upper()}, kernel {profile.name})", flush=True)
-            print(f"  export TPM2TOOLS_TCTI=device:{node}", flush=True)
+                node = Node(chip, profile, args.name or "tpmrm0")
+                path = os.path.join(os.path.abspath(where), node.name)
+                await nursery.start(functools.partial(serve_fuse, node, where, name=node.name, mode=mode))
+            print(f"cusetpm: serving {path} ({kind.upper()}, kernel {profile.name})", flush=True)
+            print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
+            if args.ready_fd is not None:
+                signal_ready(args.ready_fd, path)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     log.info("shutting down")
@@ -145,9 +133,20 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def signal_ready(fd: int, path: str) -> None:
+    """``--ready-fd``: one line, the node's path, then EOF, so a parent waits on a pipe
+    instead of scraping the output."""
+    try:
+        os.write(fd, path.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "conformance":
+        from .conformance.cli import run_conformance
+
         return run_conformance(args)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2), format="cusetpm: %(levelname)s %(name)s: %(message)s"

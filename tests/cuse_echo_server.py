@@ -31,7 +31,7 @@ import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cusetpm.cuse import serve_cuse  # noqa: E402
+from cusetpm.frontends.cuse import serve_cuse  # noqa: E402
 
 
 class EchoDevice:

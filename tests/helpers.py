@@ -18,12 +18,13 @@ from typing import Callable, Optional
 
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from cusetpm import tpm
-from cusetpm.backends import free_port_pair, unframeable
-from cusetpm.profiles import PROFILES
-from cusetpm.tpm import Send, be32, command, run_sync, u32
-from cusetpm.tpm2_cmd import auto_startup
-from cusetpm.tpm_chip import Chip
+from cusetpm.kernel import wire as tpm
+from cusetpm.backends import free_port_pair, swtpm_argv, unframeable
+from cusetpm.kernel.profiles import PROFILES
+from cusetpm.kernel.request import Send, run_sync
+from cusetpm.kernel.wire import be32, command, u32
+from cusetpm.kernel.tpm2_cmd import auto_startup
+from cusetpm.kernel.structs import Chip
 
 RH_OWNER = 0x40000001
 RH_NULL = 0x40000007
@@ -55,11 +56,8 @@ class RawTpm:
         statedir = tempfile.mkdtemp(prefix="cusetpm-test-")
         for _ in range(5):
             port = free_port_pair()
-            proc = subprocess.Popen(
-                ["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-                 "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1", "--tpmstate", f"dir={statedir}",
-                 "--flags", flags],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            argv = swtpm_argv(statedir, port, flags=flags)
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and proc.poll() is None:
                 try:
@@ -176,17 +174,18 @@ def response(rc_: int, body: bytes = b"", tag: int = 0x8001) -> bytes:
 
 class SyncFile:
     """One open /dev/tpmrm0 file driven synchronously: FileState + tpm_dev_transmit, in the
-    order tpm_common_write()/tpm_common_read() use them (no locks needed in one thread)."""
+    order tpm_common_write()/tpm_common_read() use them (no locks needed in one thread).
+    Like :class:`cusetpm.daemon.node.DeviceFile` it only calls FileState, which owns the rules."""
 
     def __init__(self, chip: Chip, raw: RawTpm) -> None:
-        from cusetpm.tpm_dev_common import FileState
+        from cusetpm.kernel.tpm_dev_common import FileState
 
         self.chip = chip
         self.raw = raw
         self.state = FileState(chip.profile)
 
     def write(self, data: bytes) -> int:
-        from cusetpm.tpm_dev_common import FileState, tpm_dev_transmit
+        from cusetpm.kernel.tpm_dev_common import FileState, tpm_dev_transmit
 
         FileState.check_size(len(data))
         self.state.accept_write(data)
@@ -194,6 +193,8 @@ class SyncFile:
         return self.state.command_finished(result, len(data), 0.0)
 
     def read(self, size: int = 4096) -> bytes:
+        if not self.state.read_needs_lock(size):
+            return b""
         return self.state.read(size)
 
     def cmd(self, data: bytes) -> bytes:
@@ -201,6 +202,6 @@ class SyncFile:
         return self.read()
 
     def close(self) -> None:
-        from cusetpm.tpm_dev_common import release_space
+        from cusetpm.kernel.tpm_dev_common import release_space
 
-        self.raw.run(release_space(self.state.space))
+        self.raw.run(release_space(self.chip, self.state.space))

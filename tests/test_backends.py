@@ -8,9 +8,9 @@ import socket
 import pytest
 import trio
 
-from cusetpm import tpm
+from cusetpm.kernel import wire as tpm
 from cusetpm.backends import BackendError, SocketBackend, TctiBackend, managed_swtpm, unframeable
-from cusetpm.tpm import be32
+from cusetpm.kernel.wire import be32
 from helpers import RawTpm, get_random
 
 

@@ -26,8 +26,8 @@ import pytest
 import trio
 
 from cuse_echo_server import EchoDevice
-from cusetpm import cuse_proto as p
-from cusetpm.cuse import PROBE_FH, _Server
+from cusetpm.frontends import cuse_proto as p
+from cusetpm.frontends.cuse import PROBE_FH, _Server
 
 HERE = Path(__file__).resolve().parent
 

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from cusetpm import cuse_proto as p
+from cusetpm.frontends import cuse_proto as p
 
 # fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding
 HDR = "=IIQQIIIHH"

@@ -6,12 +6,12 @@ import errno
 import pytest
 import trio
 
-from cusetpm import tpm_dev_common
+from cusetpm.kernel import tpm_dev_common
 from cusetpm.backends import managed_swtpm
 from cusetpm.device import TpmDevice
-from cusetpm.profiles import PROFILES
-from cusetpm.tpm import be32
-from cusetpm.tpm_dev_common import POLL_IN, POLL_OUT
+from cusetpm.kernel.profiles import PROFILES
+from cusetpm.kernel.wire import be32
+from cusetpm.kernel.tpm_dev_common import POLL_IN, POLL_OUT
 from helpers import create_primary, get_cap_handles, get_random, handles_of, rc, start_auth_session
 
 

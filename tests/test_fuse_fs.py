@@ -6,7 +6,7 @@ import pyfuse3
 import pytest
 import trio
 
-from cusetpm.fuse_fs import errno_reply
+from cusetpm.frontends.fuse import errno_reply
 
 
 def test_handler_errors_become_errnos_and_never_escape():

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 import pytest
 
-from cusetpm.profiles import DEFAULT_PROFILE, PROFILES, get_profile
+from cusetpm.kernel.profiles import DEFAULT_PROFILE, PROFILES, get_profile
 
 
 def test_profiles_hold_every_difference():

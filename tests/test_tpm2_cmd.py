@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cusetpm import tpm
-from cusetpm.profiles import PROFILES
-from cusetpm.tpm2_cmd import ChipInitError, auto_startup, find_cc, rc_value
-from cusetpm.tpm_chip import Chip
+from cusetpm.kernel import wire as tpm
+from cusetpm.kernel.profiles import PROFILES
+from cusetpm.kernel.tpm2_cmd import ChipInitError, auto_startup, find_cc, rc_value
+from cusetpm.kernel.structs import Chip
 from helpers import RawTpm, response
 
 

@@ -6,9 +6,9 @@ import errno
 
 import pytest
 
-from cusetpm import tpm
-from cusetpm.tpm import be32
-from cusetpm.tpm_dev_common import POLL_IN, POLL_OUT, USER_READ_TIMEOUT, FileState
+from cusetpm.kernel import wire as tpm
+from cusetpm.kernel.wire import be32
+from cusetpm.kernel.tpm_dev_common import POLL_IN, POLL_OUT, USER_READ_TIMEOUT, FileState
 from helpers import SyncFile, get_random, make_chip, rc, read_public, response
 
 
@@ -122,7 +122,7 @@ def test_poll_mask(f):
 
 
 def test_async_error_reported_once_by_read():
-    from cusetpm.profiles import PROFILES
+    from cusetpm.kernel.profiles import PROFILES
 
     st = FileState(PROFILES["6.12"])
     st.accept_write(get_random())
@@ -137,7 +137,7 @@ def test_async_error_reported_once_by_read():
 
 
 def test_async_ops_failure_starts_no_timer():
-    from cusetpm.profiles import PROFILES
+    from cusetpm.kernel.profiles import PROFILES
 
     st = FileState(PROFILES["6.1"])
     st.accept_write(get_random())

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import errno
 
-from cusetpm import tpm
-from cusetpm.tpm import Send, Sleep, be32
-from cusetpm.tpm_interface import ordinal_duration, transmit, transmit_cmd
+from cusetpm.kernel import wire as tpm
+from cusetpm.kernel.request import Send, Sleep
+from cusetpm.kernel.wire import be32
+from cusetpm.kernel.tpm_interface import ordinal_duration, transmit, transmit_cmd
 from helpers import get_random, response
 
 

@@ -2,7 +2,7 @@
 """Kernel profiles: every observable difference between the kernels we emulate, as data.
 
 The rest of the code never asks "is this 6.1?"; it reads a field of the profile. Each field
-names the difference it carries (research spec section 14, D1..D6) and the kernel code it
+names the difference it carries (docs/kernel-rules.md, "Where 6.1 and 6.12 differ", D1..D6) and the kernel code it
 comes from, so adding a kernel is adding one entry to ``PROFILES``.
 """
 from __future__ import annotations

@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import logging
 
-from . import tpm
-from .tpm import Io, Send, Sleep, be32
+from . import wire
+from .wire import be32
+from .request import Io, Send, Sleep
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def ordinal_duration(ordinal: int) -> float:
     return _DURATIONS.get(ordinal, DURATION_DEFAULT) / 1000.0
 
 
-def try_transmit(buf: bytearray, bufsiz: int = tpm.TPM_BUFSIZE) -> Io[int]:
+def try_transmit(buf: bytearray, bufsiz: int = wire.TPM_BUFSIZE) -> Io[int]:
     """One transmission: send ``header.length`` bytes of ``buf``, put the response in ``buf``.
 
     Returns the response length or a negative errno, exactly as tpm_try_transmit() does.
@@ -69,19 +70,19 @@ def try_transmit(buf: bytearray, bufsiz: int = tpm.TPM_BUFSIZE) -> Io[int]:
         # The driver cannot hand back more than the buffer holds (vtpm_proxy: -EIO).
         return -errno.EIO
     buf[:n] = reply
-    if n < tpm.TPM_HEADER_SIZE or n != be32(buf, 2):
+    if n < wire.TPM_HEADER_SIZE or n != be32(buf, 2):
         return -errno.EFAULT
     return n
 
 
-def transmit(buf: bytearray, bufsiz: int = tpm.TPM_BUFSIZE) -> Io[int]:
+def transmit(buf: bytearray, bufsiz: int = wire.TPM_BUFSIZE) -> Io[int]:
     """tpm_transmit(): retry TPM_RC_RETRY / TPM_RC_TESTING with doubling delays.
 
     At most 8 transmissions (sleeps 20..1280 ms); the last RETRY/TESTING response is
     returned as is.  The first 22 bytes (header and three already-translated handles) are
     restored before each retry because the response overwrote them.
     """
-    save = bytes(buf[: min(tpm.TPM_HEADER_SIZE + 12, bufsiz)])
+    save = bytes(buf[: min(wire.TPM_HEADER_SIZE + 12, bufsiz)])
     cc = be32(buf, 6)
     delay = RETRY_FIRST_DELAY
     while True:
@@ -89,12 +90,12 @@ def transmit(buf: bytearray, bufsiz: int = tpm.TPM_BUFSIZE) -> Io[int]:
         if ret < 0:
             break
         rc = be32(buf, 6)
-        if rc != tpm.RC_RETRY and rc != tpm.RC_TESTING:
+        if rc != wire.RC_RETRY and rc != wire.RC_TESTING:
             break
-        if rc == tpm.RC_TESTING and cc == tpm.CC_SELF_TEST:
+        if rc == wire.RC_TESTING and cc == wire.CC_SELF_TEST:
             break
         if delay > DURATION_LONG:
-            log.error("in retry loop" if rc == tpm.RC_RETRY else "self test is still running")
+            log.error("in retry loop" if rc == wire.RC_RETRY else "self test is still running")
             break
         yield Sleep(delay / 1000.0)
         delay *= 2
@@ -108,16 +109,16 @@ def transmit_cmd(cmd: bytes, min_rsp_body_length: int = 0, desc: str | None = No
     Returns ``(result, response)``: result is a negative errno, a positive TPM rc, or 0 with
     the whole response.  A success shorter than the caller's minimum is ``-EFAULT``.
     """
-    buf = bytearray(tpm.TPM_BUFSIZE)
+    buf = bytearray(wire.TPM_BUFSIZE)
     buf[: len(cmd)] = cmd
-    length = yield from transmit(buf, tpm.TPM_BUFSIZE)
+    length = yield from transmit(buf, wire.TPM_BUFSIZE)
     if length < 0:
         return length, b""
     err = be32(buf, 6)
-    if err != 0 and err != tpm.RC_TESTING and desc:
+    if err != 0 and err != wire.RC_TESTING and desc:
         log.info("A TPM error (%d) occurred %s", err, desc)
     if err:
         return err, bytes(buf[:length])
-    if length < min_rsp_body_length + tpm.TPM_HEADER_SIZE:
+    if length < min_rsp_body_length + wire.TPM_HEADER_SIZE:
         return -errno.EFAULT, b""
     return 0, bytes(buf[:length])

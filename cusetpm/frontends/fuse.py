@@ -21,7 +21,7 @@ from typing import Any, Callable, Coroutine, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from .device import DeviceFile, TpmDevice
+from ..daemon.node import DeviceFile, Node, Opener
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ class TpmFuse(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, device: TpmDevice, name: str = "tpmrm0", mode: int = 0o660) -> None:
+    def __init__(self, node: Node, name: str = "tpmrm0", mode: int = 0o660) -> None:
         super().__init__()
-        self.device = device
+        self.node = node
         self.name = name.encode()
         self.mode = mode
         self.files: dict[int, tuple[DeviceFile, bool]] = {}
@@ -110,7 +110,8 @@ class TpmFuse(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         fh = self._next_fh
         self._next_fh += 1
-        self.files[fh] = (self.device.open(flags), bool(flags & os.O_NONBLOCK))
+        opener = Opener(ctx.uid, ctx.gid, ctx.pid) if ctx is not None else Opener()
+        self.files[fh] = (self.node.open(flags, opener), bool(flags & os.O_NONBLOCK))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
 
     def _file(self, fh: int) -> tuple[DeviceFile, bool]:
@@ -146,7 +147,7 @@ class TpmFuse(pyfuse3.Operations):
 
 
 async def serve_fuse(
-    device: TpmDevice,
+    node: Node,
     mountpoint: str,
     *,
     name: str = "tpmrm0",
@@ -157,7 +158,7 @@ async def serve_fuse(
 
     ``task_status.started()`` is called once the file can be opened.
     """
-    ops = TpmFuse(device, name, mode)
+    ops = TpmFuse(node, name, mode)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {"fsname=cusetpm", "subtype=cusetpm", "default_permissions"}
@@ -173,5 +174,5 @@ async def serve_fuse(
             task_status.started()
     finally:
         with trio.CancelScope(shield=True):
-            await device.close_all()
+            await node.close_all()
             pyfuse3.close(unmount=True)

@@ -1,25 +1,15 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""TPM 2.0 wire constants and the two requests the sans-I/O core makes of its driver.
+"""TPM 2.0 wire constants and byte helpers.
 
 Follows include/linux/tpm.h and drivers/char/tpm/tpm.h for the constants the kernel uses.
 Values come from tpm2-pytss; they are turned into plain ints once here because the command
 path compares them for every command.
-
-The core never does I/O.  Code that needs the TPM is a generator that ``yield``s a
-:class:`Send` (and gets back the response bytes, or a negative errno if the transport failed)
-or a :class:`Sleep` (and gets back ``None``).  ``yield from`` composes them the way the kernel
-composes function calls; the trio adapter (:mod:`cusetpm.device`) and the unit tests drive
-them.
 """
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Generator, TypeVar, Union
 
 from tpm2_pytss.constants import TPM2_CAP, TPM2_CC, TPM2_HT, TPM2_PT, TPM2_RC, TPM2_ST
-
-T = TypeVar("T")
 
 TPM_BUFSIZE = 4096
 TPM_HEADER_SIZE = 10
@@ -90,41 +80,3 @@ def u32(value: int) -> bytes:
     return _U32.pack(value & 0xFFFFFFFF)
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Ask the driver to send one command; it answers with the response or a negative errno.
-
-    ``timeout`` is the kernel's duration for this ordinal, in seconds: a backend that has no
-    answer by then gives ``-ETIME`` (tpm_try_transmit's "Operation Timed out").
-    """
-
-    data: bytes
-    timeout: float
-
-
-@dataclass(frozen=True, slots=True)
-class Sleep:
-    """Ask the driver to sleep (the retry loop's back-off); it answers ``None``."""
-
-    seconds: float
-
-
-Request = Union[Send, Sleep]
-Reply = Union[bytes, int, None]
-#: A sans-I/O computation that talks to the TPM and finally returns a T.
-Io = Generator[Request, Reply, T]
-
-
-def run_sync(gen: Io[T], transport) -> T:  # type: ignore[no-untyped-def]
-    """Drive a core generator with a synchronous ``transport(Send) -> bytes | int``.
-
-    Sleeps are skipped.  Used by the unit tests and by anything that wants the core without
-    an event loop.
-    """
-    reply: Reply = None
-    while True:
-        try:
-            req = gen.send(reply)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        reply = transport(req) if isinstance(req, Send) else None

@@ -7,30 +7,25 @@ tpm2_load_space(), tpm2_map_to_phandle(), tpm2_map_command(), tpm_find_and_valid
 tpm2_prepare_space(), tpm2_add_session(), tpm2_map_to_vhandle(),
 tpm2_map_response_header(), tpm2_map_response_body(), tpm2_save_space(),
 tpm2_commit_space().  Function names drop the ``tpm2_`` prefix; the logic, its order and
-its quirks are the kernel's (see the research spec, sections 6 and 7).
+its quirks are the kernel's (docs/kernel-rules.md, "Spaces").
 
-This is the one place where a space decides what to load before a command and what to save
-after it.
+These are the kernel's answers to what a space loads before a command and saves after it;
+an opt-in feature gives its own through :class:`cusetpm.kernel.seam.Seam`.
 """
 from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from . import tpm
-from .tpm import Io, be16, be32, command, put_be32, u32
+from . import wire
+from .wire import be16, be32, command, put_be32, u32
+from .request import Io
 from .tpm2_cmd import find_cc, flush_context, rc_value
+from .structs import NR_SLOTS, Chip, Space
 from .tpm_interface import transmit_cmd
-
-if TYPE_CHECKING:
-    from .tpm_chip import Chip
 
 log = logging.getLogger(__name__)
 
-#: Slots per space (struct tpm_space: context_tbl[3], session_tbl[3]).
-NR_SLOTS = 3
 #: context_tbl value of an object whose context is held in context_buf.
 SAVED = 0xFFFFFFFF
 #: sizeof(struct tpm2_context): sequence(8) savedHandle(4) hierarchy(4) blob size(2).
@@ -42,24 +37,7 @@ EOPNOTSUPP = -errno.EOPNOTSUPP
 
 def vhandle(slot: int) -> int:
     """The virtual handle user space sees for object slot ``slot``."""
-    return tpm.HT_TRANSIENT | (0xFFFFFF - slot)
-
-
-@dataclass
-class Space:
-    """struct tpm_space: three object slots, three session slots and their context blobs."""
-
-    context_tbl: list[int] = field(default_factory=lambda: [0] * NR_SLOTS)
-    context_buf: bytearray = field(default_factory=lambda: bytearray(tpm.TPM2_SPACE_BUFFER_SIZE))
-    session_tbl: list[int] = field(default_factory=lambda: [0] * NR_SLOTS)
-    session_buf: bytearray = field(default_factory=lambda: bytearray(tpm.TPM2_SPACE_BUFFER_SIZE))
-
-    def copy_from(self, other: "Space") -> None:
-        """The memcpy()s of prepare/commit: tables and both whole buffers."""
-        self.context_tbl[:] = other.context_tbl
-        self.session_tbl[:] = other.session_tbl
-        self.context_buf[:] = other.context_buf
-        self.session_buf[:] = other.session_buf
+    return wire.HT_TRANSIENT | (0xFFFFFF - slot)
 
 
 def flush_sessions(space: Space) -> Io[None]:
@@ -74,46 +52,46 @@ def del_space(space: Space) -> Io[None]:
     yield from flush_sessions(space)
 
 
-def load_context(chip: "Chip", buf: bytearray, offset: int) -> Io[tuple[int, int, int]]:
+def load_context(chip: Chip, buf: bytearray, offset: int) -> Io[tuple[int, int, int]]:
     """tpm2_load_context(): ContextLoad the blob at ``offset``.
 
     Returns ``(err, handle, new_offset)``; err is 0, ``-ENOENT`` ("forget"), ``-EINVAL``
     (6.12: integrity) or ``-EFAULT``.
     """
     body_size = CONTEXT_HEADER_SIZE + be16(buf, offset + 16)
-    cmd = command(tpm.CC_CONTEXT_LOAD, bytes(buf[offset : offset + body_size]))
+    cmd = command(wire.CC_CONTEXT_LOAD, bytes(buf[offset : offset + body_size]))
     rc, rsp = yield from transmit_cmd(cmd, 4, None)
     if rc < 0:
         log.warning("tpm2_load_context: failed with a system error %d", rc)
         return -errno.EFAULT, 0, offset
-    if rc_value(chip.profile, rc) == tpm.RC_HANDLE or rc == tpm.RC_REFERENCE_H0:
+    if rc_value(chip.profile, rc) == wire.RC_HANDLE or rc == wire.RC_REFERENCE_H0:
         # HANDLE: the context cannot be loaded (replay counter); REFERENCE_H0: flushed
         # outside the space.  Either way the session is gone.
         return -errno.ENOENT, 0, offset
-    if chip.profile.load_integrity_is_einval and rc_value(chip.profile, rc) == tpm.RC_INTEGRITY:
+    if chip.profile.load_integrity_is_einval and rc_value(chip.profile, rc) == wire.RC_INTEGRITY:
         return -errno.EINVAL, 0, offset
     if rc > 0:
         log.warning("tpm2_load_context: failed with a TPM error 0x%04X", rc)
         return -errno.EFAULT, 0, offset
-    return 0, be32(rsp, tpm.TPM_HEADER_SIZE), offset + body_size
+    return 0, be32(rsp, wire.TPM_HEADER_SIZE), offset + body_size
 
 
-def save_context(chip: "Chip", handle: int, buf: bytearray, offset: int) -> Io[tuple[int, int]]:
+def save_context(chip: Chip, handle: int, buf: bytearray, offset: int) -> Io[tuple[int, int]]:
     """tpm2_save_context(): ContextSave ``handle`` and append the blob at ``offset``.
 
     Returns ``(err, new_offset)``; err is 0, ``-ENOENT`` (REFERENCE_H0: flushed already),
     ``-EFAULT`` or ``-ENOMEM`` (out of backing storage).
     """
-    rc, rsp = yield from transmit_cmd(command(tpm.CC_CONTEXT_SAVE, u32(handle)), 0, None)
+    rc, rsp = yield from transmit_cmd(command(wire.CC_CONTEXT_SAVE, u32(handle)), 0, None)
     if rc < 0:
         log.warning("tpm2_save_context: failed with a system error %d", rc)
         return -errno.EFAULT, offset
-    if rc_value(chip.profile, rc) == tpm.RC_REFERENCE_H0:
+    if rc_value(chip.profile, rc) == wire.RC_REFERENCE_H0:
         return -errno.ENOENT, offset
     if rc:
         log.warning("tpm2_save_context: failed with a TPM error 0x%04X", rc)
         return -errno.EFAULT, offset
-    body = rsp[tpm.TPM_HEADER_SIZE :]
+    body = rsp[wire.TPM_HEADER_SIZE :]
     if offset + len(body) > len(buf):
         log.warning("tpm2_save_context: out of backing storage")
         return -errno.ENOMEM, offset
@@ -121,11 +99,11 @@ def save_context(chip: "Chip", handle: int, buf: bytearray, offset: int) -> Io[t
     return 0, offset + len(body)
 
 
-def flush_space(chip: "Chip") -> Io[None]:
+def flush_space(chip: Chip) -> Io[None]:
     """tpm2_flush_space(): flush what the work space has loaded, and all its sessions.
 
     Flushing a *saved* session destroys it, which is why every error path costs the file
-    all of its sessions (spec 7.7).
+    all of its sessions (docs/kernel-rules.md, "Error paths").
     """
     space = chip.work_space
     for handle in space.context_tbl:
@@ -134,7 +112,7 @@ def flush_space(chip: "Chip") -> Io[None]:
     yield from flush_sessions(space)
 
 
-def load_space(chip: "Chip") -> Io[int]:
+def load_space(chip: Chip) -> Io[int]:
     """tpm2_load_space(): ContextLoad every object, then every session, in slot order."""
     space = chip.work_space
     offset = 0
@@ -175,36 +153,36 @@ def map_to_phandle(space: Space, buf: bytearray, offset: int) -> bool:
     return True
 
 
-def map_command(chip: "Chip", cc: int, cmd: bytearray) -> int:
+def map_command(chip: Chip, cc: int, cmd: bytearray) -> int:
     """tpm2_map_command(): translate transient handles in the handle area, nowhere else."""
     i = find_cc(chip, cc)
     if i < 0:
         return -errno.EINVAL
-    nr_handles = (chip.cc_attrs_tbl[i] >> tpm.CC_ATTR_CHANDLES) & 0x7
+    nr_handles = (chip.cc_attrs_tbl[i] >> wire.CC_ATTR_CHANDLES) & 0x7
     for k in range(nr_handles):
-        offset = tpm.TPM_HEADER_SIZE + 4 * k
-        if be32(cmd, offset) & 0xFF000000 == tpm.HT_TRANSIENT:
+        offset = wire.TPM_HEADER_SIZE + 4 * k
+        if be32(cmd, offset) & 0xFF000000 == wire.HT_TRANSIENT:
             if not map_to_phandle(chip.work_space, cmd, offset):
                 return -errno.EINVAL
     return 0
 
 
-def find_and_validate_cc(chip: "Chip", cmd: bytearray, length: int) -> int:
+def find_and_validate_cc(chip: Chip, cmd: bytearray, length: int) -> int:
     """tpm_find_and_validate_cc(): the command code, ``-EOPNOTSUPP`` if the TPM lacks it."""
-    if length < tpm.TPM_HEADER_SIZE or not chip.cc_attrs_tbl:
+    if length < wire.TPM_HEADER_SIZE or not chip.cc_attrs_tbl:
         return -errno.EINVAL
     cc = be32(cmd, 6)
     i = find_cc(chip, cc)
     if i < 0:
         log.debug("0x%04X is an invalid command", cc)
         return EOPNOTSUPP
-    nr_handles = 4 * ((chip.cc_attrs_tbl[i] >> tpm.CC_ATTR_CHANDLES) & 0x7)
-    if length < tpm.TPM_HEADER_SIZE + nr_handles:
+    nr_handles = 4 * ((chip.cc_attrs_tbl[i] >> wire.CC_ATTR_CHANDLES) & 0x7)
+    if length < wire.TPM_HEADER_SIZE + nr_handles:
         return -errno.EINVAL
     return cc
 
 
-def prepare_space(chip: "Chip", space: Space, cmd: bytearray, cmdsiz: int) -> Io[int]:
+def prepare_space(chip: Chip, space: Space, cmd: bytearray, cmdsiz: int) -> Io[int]:
     """tpm2_prepare_space(): validate, copy the space to the work space, load it, translate."""
     cc = find_and_validate_cc(chip, cmd, cmdsiz)
     if cc < 0:
@@ -222,7 +200,7 @@ def prepare_space(chip: "Chip", space: Space, cmd: bytearray, cmdsiz: int) -> Io
     return 0
 
 
-def add_session(chip: "Chip", handle: int) -> bool:
+def add_session(chip: Chip, handle: int) -> bool:
     """tpm2_add_session(): first free session slot (no duplicate check)."""
     tbl = chip.work_space.session_tbl
     for i in range(NR_SLOTS):
@@ -245,26 +223,26 @@ def map_to_vhandle(space: Space, phandle: int, alloc: bool) -> int:
     return 0
 
 
-def map_response_header(chip: "Chip", cc: int, rsp: bytearray, length: int) -> Io[int]:
+def map_response_header(chip: Chip, cc: int, rsp: bytearray, length: int) -> Io[int]:
     """tpm2_map_response_header(): give a returned object a vhandle, record a session.
 
     There is no length check: a 10-byte success reads stale bytes 10..13, as the kernel does.
     """
-    if be32(rsp, 6) != tpm.RC_SUCCESS:
+    if be32(rsp, 6) != wire.RC_SUCCESS:
         return 0
     i = find_cc(chip, cc)
     if i < 0:
         return -errno.EFAULT
-    if not (chip.cc_attrs_tbl[i] >> tpm.CC_ATTR_RHANDLE) & 1:
+    if not (chip.cc_attrs_tbl[i] >> wire.CC_ATTR_RHANDLE) & 1:
         return 0
-    phandle = be32(rsp, tpm.TPM_HEADER_SIZE)
+    phandle = be32(rsp, wire.TPM_HEADER_SIZE)
     kind = phandle & 0xFF000000
-    if kind == tpm.HT_TRANSIENT:
+    if kind == wire.HT_TRANSIENT:
         vh = map_to_vhandle(chip.work_space, phandle, True)
         if vh:
-            put_be32(rsp, tpm.TPM_HEADER_SIZE, vh)
+            put_be32(rsp, wire.TPM_HEADER_SIZE, vh)
             return 0
-    elif kind in (tpm.HT_HMAC_SESSION, tpm.HT_POLICY_SESSION):
+    elif kind in (wire.HT_HMAC_SESSION, wire.HT_POLICY_SESSION):
         if add_session(chip, phandle):
             return 0
     else:
@@ -275,39 +253,39 @@ def map_response_header(chip: "Chip", cc: int, rsp: bytearray, length: int) -> I
     return -errno.ENOMEM
 
 
-def map_response_body(chip: "Chip", cc: int, rsp: bytearray, length: int) -> int:
+def map_response_body(chip: Chip, cc: int, rsp: bytearray, length: int) -> int:
     """tpm2_map_response_body(): filter GetCapability(HANDLES) to this space's vhandles.
 
     Foreign transient handles are dropped, every other handle type is kept, ``moreData`` and
     the requested property are left alone, and the length must be exact.
     """
-    if cc != tpm.CC_GET_CAPABILITY or be32(rsp, 6) != tpm.RC_SUCCESS:
+    if cc != wire.CC_GET_CAPABILITY or be32(rsp, 6) != wire.RC_SUCCESS:
         return 0
-    if length < tpm.TPM_HEADER_SIZE + 9:
+    if length < wire.TPM_HEADER_SIZE + 9:
         return -errno.EFAULT
-    if be32(rsp, 11) != tpm.CAP_HANDLES:
+    if be32(rsp, 11) != wire.CAP_HANDLES:
         return 0
     count = be32(rsp, 15)
-    if count > (0xFFFFFFFF - tpm.TPM_HEADER_SIZE - 9) // 4:
+    if count > (0xFFFFFFFF - wire.TPM_HEADER_SIZE - 9) // 4:
         return -errno.EFAULT
-    if length != tpm.TPM_HEADER_SIZE + 9 + 4 * count:
+    if length != wire.TPM_HEADER_SIZE + 9 + 4 * count:
         return -errno.EFAULT
     j = 0
     for i in range(count):
         phandle = be32(rsp, 19 + 4 * i)
-        if phandle & 0xFF000000 == tpm.HT_TRANSIENT:
+        if phandle & 0xFF000000 == wire.HT_TRANSIENT:
             vh = map_to_vhandle(chip.work_space, phandle, False)
             if not vh:
                 continue
             phandle = vh
         put_be32(rsp, 19 + 4 * j, phandle)
         j += 1
-    put_be32(rsp, 2, tpm.TPM_HEADER_SIZE + 9 + 4 * j)
+    put_be32(rsp, 2, wire.TPM_HEADER_SIZE + 9 + 4 * j)
     put_be32(rsp, 15, j)
     return 0
 
 
-def save_space(chip: "Chip") -> Io[int]:
+def save_space(chip: Chip) -> Io[int]:
     """tpm2_save_space(): ContextSave+FlushContext objects, ContextSave sessions."""
     space = chip.work_space
     offset = 0
@@ -338,7 +316,7 @@ def save_space(chip: "Chip") -> Io[int]:
     return 0
 
 
-def commit_space(chip: "Chip", space: Space, buf: bytearray, length: int) -> Io[int]:
+def commit_space(chip: Chip, space: Space, buf: bytearray, length: int) -> Io[int]:
     """tpm2_commit_space(): map the response, save the work space, and only if all of that
     worked copy it back to the file's space.  Returns the (maybe rewritten) response length
     or a negative errno; on error the response is lost."""

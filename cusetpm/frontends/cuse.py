@@ -3,7 +3,7 @@
 
 :func:`serve_cuse` opens /dev/cuse, answers CUSE_INIT (which makes the kernel
 create ``/dev/<name>``) and then answers requests until the channel dies or
-the caller cancels it.  The bytes are handled by :mod:`cusetpm.cuse_proto`;
+the caller cancels it.  The bytes are handled by :mod:`cusetpm.frontends.cuse_proto`;
 here is only I/O and concurrency:
 
 * every read/write/poll/open request runs in its own task, so a read on one
@@ -26,6 +26,7 @@ from typing import Protocol
 
 import trio
 
+from ..daemon.node import Opener
 from . import cuse_proto as proto
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class FileOps(Protocol):
 class DeviceOps(Protocol):
     """The device: makes a :class:`FileOps` per open()."""
 
-    def open(self, flags: int) -> FileOps: ...
+    def open(self, flags: int, opener: Opener) -> FileOps: ...
 
 
 class _Server:
@@ -202,7 +203,8 @@ class _Server:
     async def handle(self, req: proto.Request) -> bytes:
         """The device call for one request, and its reply bytes."""
         if isinstance(req, proto.Open):
-            f = self.device.open(req.flags)
+            h = req.header
+            f = self.device.open(req.flags, Opener(h.uid, h.gid, h.pid))
             fh = self.next_fh
             self.next_fh += 1
             self.files[fh] = f

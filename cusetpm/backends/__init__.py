@@ -1,0 +1,44 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Backing TPMs behind one small async interface (:class:`Backend`).
+
+* :mod:`.socket`: raw TPM commands over TCP (swtpm's data channel), no thread hop.
+* :mod:`.tcti`: any tpm2-tss TCTI through tpm2-pytss, in a worker thread.
+* :mod:`.swtpm`: the swtpm command line, and a swtpm started for the user.
+
+Back ends never import front ends, nor the daemon (a test checks).
+"""
+import contextlib
+from pathlib import Path
+from typing import AsyncIterator
+
+from .base import Backend, BackendError, unframeable
+from .socket import SocketBackend, swtpm_address
+from .swtpm import default_state_dir, free_port_pair, managed_swtpm, swtpm_argv
+from .tcti import TctiBackend
+
+__all__ = [
+    "Backend", "BackendError", "SocketBackend", "TctiBackend", "default_state_dir", "free_port_pair",
+    "managed_swtpm", "open_backend", "swtpm_address", "swtpm_argv", "unframeable",
+]  # fmt: skip
+
+
+
+@contextlib.asynccontextmanager
+async def open_backend(tcti: str | None, state_dir: Path | None = None) -> AsyncIterator[Backend]:
+    """The backing TPM a ``--tcti`` value names (None: a managed swtpm in ``state_dir``),
+    closed (or stopped) on exit.  ``swtpm:`` configurations take the socket fast path."""
+    if not tcti:
+        async with managed_swtpm(state_dir) as managed:
+            yield managed
+        return
+    address = swtpm_address(tcti)
+    backend: SocketBackend | TctiBackend
+    if address:
+        backend = SocketBackend(*address)
+        await backend.connect()
+    else:
+        backend = TctiBackend(tcti)
+    try:
+        yield backend
+    finally:
+        await backend.aclose()

@@ -1,0 +1,42 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""What every backing TPM offers the daemon, and the errors they share.
+
+``transmit(data, timeout)`` sends one command and returns the whole response, or a negative
+errno as a kernel TPM driver would report it: ``-ETIME`` when the TPM does not answer within
+the command's duration, ``-EPIPE`` when the TPM has gone away, ``-EIO`` for other transport
+failures.  Nothing a backend does blocks the event loop.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from tpm2_pytss.constants import TPM2_RC
+
+from ..kernel import wire
+
+
+class Backend(Protocol):
+    """Where commands go.  ``transmit`` returns the response, or a negative errno."""
+
+    commands_sent: int
+
+    async def transmit(self, data: bytes, timeout: float) -> bytes | int: ...
+
+    async def aclose(self) -> None: ...
+
+
+class BackendError(Exception):
+    """The backing TPM cannot be reached (reported as one line, exit status 1)."""
+
+
+def unframeable(data: bytes) -> bytes | None:
+    """The answer to a command a stream transport cannot delimit, or None.
+
+    The kernel sends ``header.length`` bytes even when that is 1..9 (a stale or short
+    header).  A message transport (vtpm_proxy) hands such a frame to the TPM whole; swtpm's
+    and the simulator's stream sockets wait for a 10-byte header that never comes and hang.
+    So stream backends answer these frames as a TPM does, with TPM_RC_COMMAND_SIZE.
+    """
+    if len(data) >= wire.TPM_HEADER_SIZE:
+        return None
+    return wire.command(int(TPM2_RC.COMMAND_SIZE))

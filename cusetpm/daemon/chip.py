@@ -1,0 +1,187 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The trio adapter for one backing TPM: struct tpm_chip's lock, work queue and timer.
+
+:class:`TpmChip` is what every node on one TPM shares: the backend, the kernel's
+``tpm_mutex`` (a trio lock held for a whole user command), the O_NONBLOCK worker
+(``tpm_dev_wq``) and the unread-response timer.  It drives the sans-I/O core's requests
+(:mod:`cusetpm.kernel.request`) against the backend.  The nodes (:mod:`.node`) hold the files.
+
+The kernel's file operations sleep uninterruptibly, so every command runs shielded from
+cancellation: an interrupted syscall never leaves a space half-loaded.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar, assert_never
+
+import trio
+
+from ..backends.base import Backend
+from ..kernel.profiles import KernelProfile
+from ..kernel.request import Io, Reply, Send, Sleep, Wait
+from ..kernel.structs import Chip
+from ..kernel.tpm2_cmd import auto_startup
+
+if TYPE_CHECKING:
+    from .node import DeviceFile
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class TpmChip:
+    """One backing TPM shared by every node and every open file, as struct tpm_chip is."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        #: tpm_mutex: one user command (with all of its context traffic) at a time.
+        self.lock = trio.Lock()
+        #: Every open file of every node (the timer walks them).
+        self.files: set[DeviceFile] = set()
+        #: False once the chip is "unregistered": writes then fail like ops == NULL.
+        self.available = False
+        #: TPMA_CC of every command, read once at registration; each node's core chip gets it.
+        self.cc_attrs_tbl: list[int] = []
+        self._events: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self._timer_scope: trio.CancelScope | None = None
+        self._work_send, self._work_recv = trio.open_memory_channel["DeviceFile"](math.inf)
+
+    def core(self, profile: KernelProfile) -> Chip:
+        """A core chip as one kernel profile sees this TPM (a node has one)."""
+        return Chip(profile, self.cc_attrs_tbl)
+
+    async def run(self, gen: Io[T], core: Chip) -> T:
+        """Drive a core generator against the backend.  The caller holds ``self.lock``."""
+        transmit = self.backend.transmit
+        reply: Reply = None
+        try:
+            while True:
+                try:
+                    req = gen.send(reply)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                match req:
+                    case Send():
+                        reply = await transmit(req.data, req.timeout)
+                    case Sleep():
+                        await trio.sleep(req.seconds)
+                        reply = None
+                    case Wait():
+                        reply = await self._wait(req, core)
+                    case _:
+                        assert_never(req)
+        finally:
+            self._wake(core)
+
+    async def _wait(self, req: Wait, core: Chip) -> bool:
+        """Let go of the chip until ``req.event`` is signalled or time runs out, then take
+        it again.  Signals raised so far are delivered first, so nobody misses its own."""
+        self._wake(core)
+        event = self._events.setdefault(req.event, trio.Event())
+        self.lock.release()
+        try:
+            with trio.move_on_after(req.timeout):
+                await event.wait()
+        finally:
+            await self.lock.acquire()
+        return event.is_set()
+
+    def _wake(self, core: Chip) -> None:
+        for name in core.signals:
+            event = self._events.pop(name, None)
+            if event is not None:
+                event.set()
+        core.signals.clear()
+
+    async def command(self, gen: Io[T], core: Chip) -> T:
+        """Run one user command (or close) under the chip lock, shielded: once a command has
+        started, its space must be saved or flushed."""
+        with trio.CancelScope(shield=True):
+            try:
+                self.lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self.lock.acquire()
+            try:
+                return await self.run(gen, core)
+            finally:
+                self.lock.release()
+
+    async def register(self) -> None:
+        """tpm_chip_register()'s auto-startup: self test, Startup, command table.  The
+        table does not depend on the profile; 6.12's is used to read it."""
+        from ..kernel.profiles import PROFILES
+
+        probe = Chip(PROFILES["6.12"])
+        await self.command(auto_startup(probe), probe)
+        self.cc_attrs_tbl = probe.cc_attrs_tbl
+        self.available = True
+
+    def queue_work(self, f: "DeviceFile") -> None:
+        """Queue an O_NONBLOCK command (queue_work(tpm_dev_wq, ...)).  One worker task runs
+        them in order; they would wait for the chip lock one after another anyway."""
+        self._work_send.send_nowait(f)
+
+    async def _worker(self) -> None:
+        async for f in self._work_recv:
+            await f.async_work()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the tasks the files need (async commands, the unread-response timer).
+
+        Runs until cancelled; then closes every file still open, flushing its sessions.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._worker)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self._drain_work()
+                await self.close_all()
+
+    async def _drain_work(self) -> None:
+        """Run O_NONBLOCK commands still queued when the worker stopped: their files hold
+        the file lock for them, and close waits for them, as the kernel's does."""
+        while True:
+            try:
+                f = self._work_recv.receive_nowait()
+            except trio.WouldBlock:
+                return
+            await f.async_work()
+
+    async def close_all(self) -> None:
+        """Release every open file, as the kernel would on close (used at shutdown)."""
+        for f in list(self.files):
+            await f.release()
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is None:
+            raise RuntimeError("TpmChip.serve() is not running")
+        self._nursery.start_soon(fn)
+
+    # --- the unread-response timer (user_read_timer) ------------------------------------
+
+    def arm_timer(self, deadline: float) -> None:
+        scope = self._timer_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+
+    async def _timer_loop(self) -> None:
+        while True:
+            # A file whose timeout work is already queued (it may wait for the file lock
+            # behind a long command) is left out, or the loop would spin on its deadline.
+            waiting = {f: f.state.deadline for f in self.files if f.state.deadline is not None and not f.timeout_queued}
+            with trio.CancelScope(deadline=min(waiting.values(), default=math.inf)) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            now = trio.current_time()
+            for f in waiting:
+                if f.state.deadline is not None and f.state.deadline <= now and f in self.files:
+                    f.timeout_queued = True
+                    self.spawn(f.timeout_work)
