@@ -31,6 +31,7 @@ import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from cusetpm.daemon.node import Opener  # noqa: E402
 from cusetpm.frontends.cuse import serve_cuse  # noqa: E402
 
 
@@ -44,10 +45,12 @@ class EchoDevice:
         self.cancelled_reads = 0
         self.blocked_reads = 0  # reads waiting right now
         self.open_flags: list[int] = []
+        self.openers: list[Opener] = []
 
-    def open(self, flags: int) -> EchoFile:
+    def open(self, flags: int, opener: Opener) -> EchoFile:
         self.opens += 1
         self.open_flags.append(flags)
+        self.openers.append(opener)
         return EchoFile(self)
 
     def stats(self) -> bytes:

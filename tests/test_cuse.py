@@ -27,6 +27,7 @@ import trio
 
 from cuse_echo_server import EchoDevice
 from cusetpm.frontends import cuse_proto as p
+from cusetpm.daemon.node import Opener
 from cusetpm.frontends.cuse import PROBE_FH, _Server
 
 HERE = Path(__file__).resolve().parent
@@ -57,10 +58,10 @@ class FakeKernel:
             self.arrived.set()
             self.arrived = trio.Event()
 
-    async def send(self, opcode: int, body: bytes = b"", *, pid: int = 1234) -> int:
+    async def send(self, opcode: int, body: bytes = b"", *, pid: int = 1234, uid: int = 1000, gid: int = 100) -> int:
         unique = self.next_unique
         self.next_unique += 2
-        await self.sock.send(p.build_request(opcode, unique, body, pid=pid))
+        await self.sock.send(p.build_request(opcode, unique, body, uid=uid, gid=gid, pid=pid))
         return unique
 
     async def result(self, unique: int, timeout: float = 5) -> tuple[int, bytes]:
@@ -138,6 +139,7 @@ def test_open_write_read_release() -> None:
     async def body(k: FakeKernel, d: EchoDevice, s: _Server) -> None:
         fh = await k.open(os.O_RDWR | os.O_NONBLOCK)
         assert d.open_flags == [os.O_RDWR | os.O_NONBLOCK]
+        assert d.openers == [Opener(uid=1000, gid=100, pid=1234)]  # who opened reaches the device
         assert await k.write(fh, b"hello") == (0, p.WRITE_OUT.pack(5, 0))
         assert await k.call(p.Opcode.READ, k.read_body(fh)) == (0, b"hello")
         assert await k.release(fh) == (0, b"")

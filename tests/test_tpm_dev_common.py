@@ -103,12 +103,16 @@ def test_read_size_zero(f):
     f.write(get_random())
     assert f.read(0) == b""
     if f.chip.profile.read_zero_returns_early:
-        # 6.12 returns 0 before the lock (the device adapter does that); FileState itself
-        # is never asked.  Nothing here; the response is still pending via the adapter.
-        pass
-    # FileState.read(0) is 6.1's processing: the response is discarded.
-    assert f.state.response_length == 0
-    assert f.read() == b""
+        # 6.12 returns 0 before the lock: the response is still there.
+        assert not f.state.read_needs_lock(0)
+        assert f.state.response_length > 0
+        rsp = f.read()
+        assert rc(rsp) == 0 and len(rsp) == be32(rsp, 2) > 10
+    else:
+        # 6.1 processes the read: the response is discarded.
+        assert f.state.read_needs_lock(0)
+        assert f.state.response_length == 0
+        assert f.read() == b""
 
 
 def test_poll_mask(f):
@@ -140,10 +144,18 @@ def test_async_ops_failure_starts_no_timer():
     from cusetpm.kernel.profiles import PROFILES
 
     st = FileState(PROFILES["6.1"])
-    st.accept_write(get_random())
-    st.command_enqueued = True
-    st.async_ops_failed(errno.EIO)
+    st.accept_write(get_random(), nonblock=True)
+    assert st.command_enqueued
+    st.async_chip_gone()
+    assert not st.command_enqueued
     assert st.deadline is None and st.response_length == -errno.EIO
+
+
+def test_blocking_write_on_a_gone_chip_is_epipe():
+    with pytest.raises(OSError) as exc:
+        FileState.check_chip(False)
+    assert exc.value.errno == errno.EPIPE
+    FileState.check_chip(True)
 
 
 def test_timer_deadline_and_timeout(f):

@@ -7,6 +7,7 @@
 
 Back ends never import front ends, nor the daemon (a test checks).
 """
+
 import contextlib
 from pathlib import Path
 from typing import AsyncIterator
@@ -20,7 +21,6 @@ __all__ = [
     "Backend", "BackendError", "SocketBackend", "TctiBackend", "default_state_dir", "free_port_pair",
     "managed_swtpm", "open_backend", "swtpm_address", "swtpm_argv", "unframeable",
 ]  # fmt: skip
-
 
 
 @contextlib.asynccontextmanager

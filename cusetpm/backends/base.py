@@ -6,6 +6,7 @@ errno as a kernel TPM driver would report it: ``-ETIME`` when the TPM does not a
 the command's duration, ``-EPIPE`` when the TPM has gone away, ``-EIO`` for other transport
 failures.  Nothing a backend does blocks the event loop.
 """
+
 from __future__ import annotations
 
 from typing import Protocol

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Raw TPM 2.0 commands over a TCP stream: swtpm's server port, or anything that speaks it."""
+
 from __future__ import annotations
 
 import errno

@@ -5,6 +5,7 @@
 alike; :func:`managed_swtpm` starts one on free loopback ports and connects a
 :class:`~cusetpm.backends.socket.SocketBackend` to it.
 """
+
 from __future__ import annotations
 
 import contextlib

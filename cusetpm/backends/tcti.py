@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Any tpm2-tss TCTI through tpm2-pytss (``mssim:``, ``device:/dev/tpm0``, ``tabrmd:``, ...)."""
+
 from __future__ import annotations
 
 import errno

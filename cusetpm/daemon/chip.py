@@ -9,6 +9,7 @@
 The kernel's file operations sleep uninterruptibly, so every command runs shielded from
 cancellation: an interrupted syscall never leaves a space half-loaded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,14 +44,18 @@ class TpmChip:
         self.available = False
         #: TPMA_CC of every command, read once at registration; each node's core chip gets it.
         self.cc_attrs_tbl: list[int] = []
+        self._cores: list[Chip] = []
         self._events: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
         self._work_send, self._work_recv = trio.open_memory_channel["DeviceFile"](math.inf)
 
     def core(self, profile: KernelProfile) -> Chip:
-        """A core chip as one kernel profile sees this TPM (a node has one)."""
-        return Chip(profile, self.cc_attrs_tbl)
+        """A core chip as one kernel profile sees this TPM (a node has one); it gets the
+        command table now, or at registration."""
+        core = Chip(profile, self.cc_attrs_tbl)
+        self._cores.append(core)
+        return core
 
     async def run(self, gen: Io[T], core: Chip) -> T:
         """Drive a core generator against the backend.  The caller holds ``self.lock``."""
@@ -116,6 +121,8 @@ class TpmChip:
         probe = Chip(PROFILES["6.12"])
         await self.command(auto_startup(probe), probe)
         self.cc_attrs_tbl = probe.cc_attrs_tbl
+        for core in self._cores:
+            core.set_cc_attrs(self.cc_attrs_tbl)
         self.available = True
 
     def queue_work(self, f: "DeviceFile") -> None:

@@ -8,6 +8,7 @@ description: it only moves bytes, holds the file lock and keeps time; every rule
 :class:`cusetpm.kernel.tpm_dev_common.FileState`'s.  The front ends call ``Node.open`` and the
 five ``DeviceFile`` methods, nothing else.
 """
+
 from __future__ import annotations
 
 import logging
@@ -100,7 +101,9 @@ class DeviceFile:
                 await self.lock.acquire()
 
     async def _transmit(self) -> int:
-        return await self.chip.command(tpm_dev_transmit(self.node.core, self.state.space, self.state.buf), self.node.core)
+        return await self.chip.command(
+            tpm_dev_transmit(self.node.core, self.state.space, self.state.buf), self.node.core
+        )
 
     async def write(self, data: bytes, nonblock: bool) -> int:
         """tpm_common_write()."""

@@ -5,9 +5,12 @@ The rest of the code never asks "is this 6.1?"; it reads a field of the profile.
 names the difference it carries (docs/kernel-rules.md, "Where 6.1 and 6.12 differ", D1..D6) and the kernel code it
 comes from, so adding a kernel is adding one entry to ``PROFILES``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .wire import CC_INDEX_MASK, CC_VENDOR, RC_P
 
 
 @dataclass(frozen=True)
@@ -32,16 +35,16 @@ class KernelProfile:
 PROFILES: dict[str, KernelProfile] = {
     "6.1": KernelProfile(
         name="6.1",
-        rc_value_mask=0xFF,
+        rc_value_mask=0xFF,  # the whole low byte
         load_integrity_is_einval=False,
-        find_cc_mask=0x0000FFFF,
+        find_cc_mask=CC_INDEX_MASK,
         read_zero_returns_early=False,
     ),
     "6.12": KernelProfile(
         name="6.12",
-        rc_value_mask=0xBF,
+        rc_value_mask=0xFF & ~RC_P,  # 0xBF
         load_integrity_is_einval=True,
-        find_cc_mask=0x2000FFFF,
+        find_cc_mask=CC_VENDOR | CC_INDEX_MASK,  # 0x2000FFFF
         read_zero_returns_early=True,
     ),
 }

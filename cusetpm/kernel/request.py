@@ -7,6 +7,7 @@ composes function calls.  Drivers: :func:`run_sync` here (tests, tools) and the 
 :class:`cusetpm.daemon.chip.TpmChip`.  Each driver dispatches with ``match`` and
 ``assert_never``, so mypy fails on a driver that forgets a kind.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

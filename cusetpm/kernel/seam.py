@@ -11,6 +11,7 @@ what it needs and is installed with ``Chip.seam``; the rest of the port does not
 Every method is a sans-I/O generator (see :mod:`cusetpm.kernel.request`), so a feature may
 send its own commands to the TPM, sleep, or give up the chip and :class:`~.request.Wait`.
 """
+
 from __future__ import annotations
 
 from .request import Io

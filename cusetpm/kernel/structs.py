@@ -7,6 +7,7 @@ the functions so that every module of the port can import them and none imports 
 a circle.  Locking lives in the adapter (:mod:`cusetpm.daemon.chip`): the kernel's tpm_mutex
 is held around every use of a Chip.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

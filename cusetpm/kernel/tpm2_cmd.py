@@ -5,6 +5,7 @@ Port of drivers/char/tpm/tpm2-cmd.c: tpm2_flush_context(), tpm2_do_selftest(),
 tpm2_startup(), tpm2_get_tpm_pt(), tpm2_get_cc_attrs_tbl(), tpm2_find_cc(),
 tpm2_auto_startup(); and tpm2_rc_value() from include/linux/tpm.h.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,7 +27,7 @@ class ChipInitError(Exception):
 
 def rc_value(profile: KernelProfile, rc: int) -> int:
     """tpm2_rc_value(): strip the handle/parameter number from a format-1 code (D1)."""
-    return rc & profile.rc_value_mask if rc & 0x80 else rc
+    return rc & profile.rc_value_mask if rc & wire.RC_FMT1 else rc
 
 
 def find_cc(chip: Chip, cc: int) -> int:
@@ -87,7 +88,7 @@ def get_cc_attrs_tbl(chip: Chip) -> Io[int]:
     chandles_mask = 0x7 << wire.CC_ATTR_CHANDLES
     for i in range(nr_commands):
         attrs = be32(rsp, wire.TPM_HEADER_SIZE + 9 + 4 * i)
-        if attrs & 0xFFFF in (wire.CC_CONTEXT_SAVE, wire.CC_FLUSH_CONTEXT):
+        if attrs & wire.CC_INDEX_MASK in (wire.CC_CONTEXT_SAVE, wire.CC_FLUSH_CONTEXT):
             attrs = (attrs & ~chandles_mask) | (1 << wire.CC_ATTR_CHANDLES)
         table.append(attrs)
     chip.set_cc_attrs(table)

@@ -12,6 +12,7 @@ its quirks are the kernel's (docs/kernel-rules.md, "Spaces").
 These are the kernel's answers to what a space loads before a command and saves after it;
 an opt-in feature gives its own through :class:`cusetpm.kernel.seam.Seam`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -37,7 +38,7 @@ EOPNOTSUPP = -errno.EOPNOTSUPP
 
 def vhandle(slot: int) -> int:
     """The virtual handle user space sees for object slot ``slot``."""
-    return wire.HT_TRANSIENT | (0xFFFFFF - slot)
+    return wire.HT_TRANSIENT | (wire.HR_HANDLE_MASK - slot)
 
 
 def flush_sessions(space: Space) -> Io[None]:
@@ -146,7 +147,7 @@ def load_space(chip: Chip) -> Io[int]:
 
 def map_to_phandle(space: Space, buf: bytearray, offset: int) -> bool:
     """tpm2_map_to_phandle(): rewrite the vhandle at ``offset`` in place."""
-    i = 0xFFFFFF - (be32(buf, offset) & 0xFFFFFF)
+    i = wire.HR_HANDLE_MASK - (be32(buf, offset) & wire.HR_HANDLE_MASK)
     if i >= NR_SLOTS or not space.context_tbl[i]:
         return False
     put_be32(buf, offset, space.context_tbl[i])
@@ -161,7 +162,7 @@ def map_command(chip: Chip, cc: int, cmd: bytearray) -> int:
     nr_handles = (chip.cc_attrs_tbl[i] >> wire.CC_ATTR_CHANDLES) & 0x7
     for k in range(nr_handles):
         offset = wire.TPM_HEADER_SIZE + 4 * k
-        if be32(cmd, offset) & 0xFF000000 == wire.HT_TRANSIENT:
+        if be32(cmd, offset) & wire.HR_RANGE_MASK == wire.HT_TRANSIENT:
             if not map_to_phandle(chip.work_space, cmd, offset):
                 return -errno.EINVAL
     return 0
@@ -236,7 +237,7 @@ def map_response_header(chip: Chip, cc: int, rsp: bytearray, length: int) -> Io[
     if not (chip.cc_attrs_tbl[i] >> wire.CC_ATTR_RHANDLE) & 1:
         return 0
     phandle = be32(rsp, wire.TPM_HEADER_SIZE)
-    kind = phandle & 0xFF000000
+    kind = phandle & wire.HR_RANGE_MASK
     if kind == wire.HT_TRANSIENT:
         vh = map_to_vhandle(chip.work_space, phandle, True)
         if vh:
@@ -273,7 +274,7 @@ def map_response_body(chip: Chip, cc: int, rsp: bytearray, length: int) -> int:
     j = 0
     for i in range(count):
         phandle = be32(rsp, 19 + 4 * i)
-        if phandle & 0xFF000000 == wire.HT_TRANSIENT:
+        if phandle & wire.HR_RANGE_MASK == wire.HT_TRANSIENT:
             vh = map_to_vhandle(chip.work_space, phandle, False)
             if not vh:
                 continue

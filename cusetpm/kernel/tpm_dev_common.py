@@ -10,6 +10,7 @@ rule; the adapter (:mod:`cusetpm.daemon.chip`) only moves bytes, holds the locks
 and runs the async worker, calling these methods in the order the kernel does.  Every errno
 leaves here as ``OSError``.
 """
+
 from __future__ import annotations
 
 import errno

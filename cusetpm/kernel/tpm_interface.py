@@ -6,10 +6,13 @@ tpm_transmit_cmd(), and tpm_calc_ordinal_duration() with the table of
 tpm2-cmd.c tpm2_ordinal_duration_index().  Sans-I/O: each function is a generator (see
 :mod:`cusetpm.tpm`).
 """
+
 from __future__ import annotations
 
 import errno
 import logging
+
+from tpm2_pytss.constants import TPM2_CC
 
 from . import wire
 from .wire import be32
@@ -26,22 +29,25 @@ DURATION_DEFAULT = 120000
 RETRY_FIRST_DELAY = 20
 
 _DURATIONS: dict[int, int] = {
-    0x144: DURATION_MEDIUM,  # Startup
-    0x143: DURATION_LONG,  # SelfTest
-    0x17B: DURATION_LONG,  # GetRandom
-    0x15C: DURATION_MEDIUM,  # SequenceUpdate
-    0x13E: DURATION_MEDIUM,  # SequenceComplete
-    0x185: DURATION_MEDIUM,  # EventSequenceComplete
-    0x186: DURATION_MEDIUM,  # HashSequenceStart
-    0x177: DURATION_LONG_LONG,  # VerifySignature
-    0x182: DURATION_MEDIUM,  # PCR_Extend
-    0x121: DURATION_LONG,  # HierarchyControl
-    0x129: DURATION_LONG,  # HierarchyChangeAuth
-    0x17A: DURATION_MEDIUM,  # GetCapability
-    0x14E: DURATION_LONG,  # NV_Read
-    0x131: DURATION_LONG_LONG,  # CreatePrimary
-    0x153: DURATION_LONG_LONG,  # Create
-    0x191: DURATION_LONG_LONG,  # CreateLoaded
+    int(cc): ms
+    for cc, ms in {
+        TPM2_CC.Startup: DURATION_MEDIUM,
+        TPM2_CC.SelfTest: DURATION_LONG,
+        TPM2_CC.GetRandom: DURATION_LONG,
+        TPM2_CC.SequenceUpdate: DURATION_MEDIUM,
+        TPM2_CC.SequenceComplete: DURATION_MEDIUM,
+        TPM2_CC.EventSequenceComplete: DURATION_MEDIUM,
+        TPM2_CC.HashSequenceStart: DURATION_MEDIUM,
+        TPM2_CC.VerifySignature: DURATION_LONG_LONG,
+        TPM2_CC.PCR_Extend: DURATION_MEDIUM,
+        TPM2_CC.HierarchyControl: DURATION_LONG,
+        TPM2_CC.HierarchyChangeAuth: DURATION_LONG,
+        TPM2_CC.GetCapability: DURATION_MEDIUM,
+        TPM2_CC.NV_Read: DURATION_LONG,
+        TPM2_CC.CreatePrimary: DURATION_LONG_LONG,
+        TPM2_CC.Create: DURATION_LONG_LONG,
+        TPM2_CC.CreateLoaded: DURATION_LONG_LONG,
+    }.items()
 }
 
 

@@ -5,11 +5,12 @@ Follows include/linux/tpm.h and drivers/char/tpm/tpm.h for the constants the ker
 Values come from tpm2-pytss; they are turned into plain ints once here because the command
 path compares them for every command.
 """
+
 from __future__ import annotations
 
 import struct
 
-from tpm2_pytss.constants import TPM2_CAP, TPM2_CC, TPM2_HT, TPM2_PT, TPM2_RC, TPM2_ST
+from tpm2_pytss.constants import TPM2_CAP, TPM2_CC, TPM2_HR, TPM2_HT, TPM2_PT, TPM2_RC, TPM2_ST, TPMA_CC
 
 TPM_BUFSIZE = 4096
 TPM_HEADER_SIZE = 10
@@ -47,11 +48,21 @@ PT_TOTAL_COMMANDS = int(TPM2_PT.TOTAL_COMMANDS)
 HT_HMAC_SESSION = int(TPM2_HT.HMAC_SESSION) << 24
 HT_POLICY_SESSION = int(TPM2_HT.POLICY_SESSION) << 24
 HT_TRANSIENT = int(TPM2_HT.TRANSIENT) << 24
+#: The handle-type byte of a handle (TPM_HR_RANGE_MASK, 0xFF000000).
+HR_RANGE_MASK = int(TPM2_HR.RANGE_MASK)
+#: The index part of a handle (TPM_HR_HANDLE_MASK).
+HR_HANDLE_MASK = int(TPM2_HR.HANDLE_MASK)
 
-#: TPMA_CC bit positions the kernel reads (include/linux/tpm.h enum tpm2_cc_attrs).
-CC_ATTR_CHANDLES = 25
-CC_ATTR_RHANDLE = 28
-CC_ATTR_VENDOR = 29
+#: TPMA_CC bit positions the kernel reads (include/linux/tpm.h enum tpm2_cc_attrs: 25, 28, 29).
+CC_ATTR_CHANDLES = int(TPMA_CC.CHANDLES_SHIFT)
+CC_ATTR_RHANDLE = int(TPMA_CC.RHANDLE).bit_length() - 1
+CC_ATTR_VENDOR = int(TPMA_CC.V).bit_length() - 1
+#: TPMA_CC commandIndex (the command code's low 16 bits) and the vendor bit.
+CC_INDEX_MASK = int(TPMA_CC.COMMANDINDEX_MASK)
+CC_VENDOR = int(TPMA_CC.V)
+#: A format-1 response code (bit 7) and its parameter bit (bit 6): tpm2_rc_value()'s masks.
+RC_FMT1 = int(TPM2_RC.FMT1)
+RC_P = int(TPM2_RC.P)
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -78,5 +89,3 @@ def command(cc: int, body: bytes = b"", tag: int = ST_NO_SESSIONS) -> bytes:
 
 def u32(value: int) -> bytes:
     return _U32.pack(value & 0xFFFFFFFF)
-
-

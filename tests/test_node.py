@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""The trio adapter: locks, the async (O_NONBLOCK) path, poll wake-ups, the timer, close."""
+"""The trio adapter for files (cusetpm.daemon.node): locks, the async (O_NONBLOCK) path, poll
+wake-ups, the timer, close."""
 from __future__ import annotations
 
 import errno
@@ -8,7 +9,7 @@ import trio
 
 from cusetpm.kernel import tpm_dev_common
 from cusetpm.backends import managed_swtpm
-from cusetpm.device import TpmDevice
+from cusetpm.daemon import Node, TpmChip
 from cusetpm.kernel.profiles import PROFILES
 from cusetpm.kernel.wire import be32
 from cusetpm.kernel.tpm_dev_common import POLL_IN, POLL_OUT
@@ -16,16 +17,17 @@ from helpers import create_primary, get_cap_handles, get_random, handles_of, rc,
 
 
 def with_device(profile: str = "6.12"):
-    """Run an async test body with a registered TpmDevice on a fresh managed swtpm."""
+    """Run an async test body with a node on a registered chip on a fresh managed swtpm."""
 
     def deco(fn):
         def wrapper(tmp_path):
             async def main():
                 async with managed_swtpm(tmp_path / "state") as backend:
-                    dev = TpmDevice(backend, PROFILES[profile])
-                    await dev.register()
+                    chip = TpmChip(backend)
+                    await chip.register()
+                    dev = Node(chip, PROFILES[profile])
                     async with trio.open_nursery() as nursery:
-                        await nursery.start(dev.serve)
+                        await nursery.start(chip.serve)
                         await fn(dev)
                         nursery.cancel_scope.cancel()
 
@@ -134,7 +136,7 @@ async def test_release_waits_for_async_work_and_flushes_sessions(dev):
 @with_device()
 async def test_unavailable_chip_epipe_sync_eio_async(dev):
     f = dev.open()
-    dev.available = False
+    dev.chip.available = False
     with pytest.raises(OSError) as exc:
         await f.write(get_random(), False)
     assert exc.value.errno == errno.EPIPE
@@ -143,7 +145,7 @@ async def test_unavailable_chip_epipe_sync_eio_async(dev):
     with pytest.raises(OSError) as exc:
         await f.read(4096)
     assert exc.value.errno == errno.EIO
-    dev.available = True
+    dev.chip.available = True
 
 
 @with_device("6.12")
@@ -165,20 +167,20 @@ async def test_zero_read_discards_the_response_on_61(dev):
 def test_shutdown_flushes_every_open_files_sessions(tmp_path):
     async def main():
         async with managed_swtpm(tmp_path / "state") as backend:
-            dev = TpmDevice(backend, PROFILES["6.12"])
-            await dev.register()
+            dev = Node(TpmChip(backend), PROFILES["6.12"])
+            await dev.chip.register()
             async with trio.open_nursery() as nursery:
-                await nursery.start(dev.serve)
+                await nursery.start(dev.chip.serve)
                 files = [dev.open() for _ in range(2)]
                 for f in files:
                     assert rc(await cmd(f, start_auth_session())) == 0
                 nursery.cancel_scope.cancel()
             assert dev.files == set()
             sent = backend.commands_sent
-            probe = TpmDevice(backend, PROFILES["6.12"])
-            await probe.register()
+            probe = Node(TpmChip(backend), PROFILES["6.12"])
+            await probe.chip.register()
             async with trio.open_nursery() as nursery:
-                await nursery.start(probe.serve)
+                await nursery.start(probe.chip.serve)
                 g = probe.open()
                 assert handles_of(await cmd(g, get_cap_handles(0x02000000))) == []
                 assert handles_of(await cmd(g, get_cap_handles(0x03000000))) == []
@@ -191,12 +193,12 @@ def test_shutdown_flushes_every_open_files_sessions(tmp_path):
 def test_shutdown_runs_queued_async_commands_then_closes(tmp_path):
     async def main():
         async with managed_swtpm(tmp_path / "state") as backend:
-            dev = TpmDevice(backend, PROFILES["6.12"])
-            await dev.register()
+            dev = Node(TpmChip(backend), PROFILES["6.12"])
+            await dev.chip.register()
             files = []
             with trio.fail_after(30):
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(dev.serve)
+                    await nursery.start(dev.chip.serve)
                     for _ in range(3):
                         f = dev.open()
                         await cmd(f, start_auth_session())
@@ -215,8 +217,8 @@ async def test_expired_timer_behind_a_busy_lock_queues_one_timeout(dev):
     f = dev.open()
     tpm_dev_common.USER_READ_TIMEOUT, saved = 0.2, tpm_dev_common.USER_READ_TIMEOUT
     spawned = []
-    real_spawn = dev.spawn
-    dev.spawn = lambda fn: (spawned.append(fn), real_spawn(fn))  # type: ignore[method-assign]
+    real_spawn = dev.chip.spawn
+    dev.chip.spawn = lambda fn: (spawned.append(fn), real_spawn(fn))  # type: ignore[method-assign]
     try:
         await f.write(get_random(8), False)
         await f.lock.acquire()  # as a long command of this file would

@@ -1,0 +1,105 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The chip adapter (cusetpm.daemon.chip): several nodes on one TPM, and the Wait request
+that gives the chip up while a command waits."""
+
+from __future__ import annotations
+
+import trio
+
+from cusetpm.backends import managed_swtpm
+from cusetpm.daemon import Node, Opener, TpmChip
+from cusetpm.kernel import wire
+from cusetpm.kernel.profiles import PROFILES
+from cusetpm.kernel.request import Io, Wait
+from cusetpm.kernel.seam import Seam
+from cusetpm.kernel.structs import Chip, Space
+from helpers import create_primary, get_cap_handles, get_random, handles_of, rc
+
+
+async def cmd(f, data: bytes) -> bytes:
+    assert await f.write(data, False) == len(data)
+    return await f.read(4096)
+
+
+def run_with_chip(tmp_path, body) -> None:
+    async def main() -> None:
+        async with managed_swtpm(tmp_path / "state") as backend:
+            chip = TpmChip(backend)
+            await chip.register()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(chip.serve)
+                with trio.fail_after(30):
+                    await body(chip)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_two_nodes_with_their_own_profiles_share_one_chip(tmp_path):
+    async def body(chip: TpmChip) -> None:
+        a = Node(chip, PROFILES["6.1"], "tpmrm-a")
+        b = Node(chip, PROFILES["6.12"], "tpmrm-b")
+        assert a.core.cc_attrs_tbl == b.core.cc_attrs_tbl != []
+        fa, fb = a.open(opener=Opener(1000, 1000, 1)), b.open(opener=Opener(2000, 2000, 2))
+        assert fa.state.space.owner == Opener(1000, 1000, 1)
+        assert wire.be32(await cmd(fa, create_primary()), 10) == 0x80FFFFFF
+        assert wire.be32(await cmd(fb, create_primary()), 10) == 0x80FFFFFF
+        # Each node's file sees its own object only.
+        assert handles_of(await cmd(fa, get_cap_handles())) == [0x80FFFFFF]
+        assert handles_of(await cmd(fb, get_cap_handles())) == [0x80FFFFFF]
+        assert a.files == {fa} and b.files == {fb} and chip.files == {fa, fb}
+        await a.close_all()
+        assert chip.files == {fb} and not a.files
+
+    run_with_chip(tmp_path, body)
+
+
+class Gate(Seam):
+    """GetRandom waits (giving the chip up) until another command signals "open"."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def before_command(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
+        if wire.be32(buf, 6) == wire.CC_GET_RANDOM:
+            self.log.append("wait")
+            woken = yield Wait("open", 10)
+            self.log.append(f"woken={woken}")
+        else:
+            self.log.append("signal")
+            chip.signal("open")
+        return 0
+
+
+def test_wait_gives_the_chip_up_until_signalled(tmp_path):
+    async def body(chip: TpmChip) -> None:
+        gate = Gate()
+        node = Node(chip, PROFILES["6.12"], seam=gate)
+        f, g = node.open(), node.open()
+        results: list[bytes] = []
+
+        async def waiter() -> None:
+            results.append(await cmd(f, get_random(8)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.sleep(0.2)
+            assert gate.log == ["wait"] and not chip.lock.locked()  # the chip is free meanwhile
+            assert rc(await cmd(g, create_primary())) == 0  # runs while f waits, and signals
+        assert gate.log == ["wait", "signal", "woken=True"]
+        assert rc(results[0]) == 0 and len(results[0]) == 20
+
+    run_with_chip(tmp_path, body)
+
+
+def test_wait_times_out_without_a_signal(tmp_path):
+    class Short(Seam):
+        def before_command(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
+            woken = yield Wait("never", 0.05)
+            return 0 if woken is False else -1
+
+    async def body(chip: TpmChip) -> None:
+        f = Node(chip, PROFILES["6.12"], seam=Short()).open()
+        assert rc(await cmd(f, get_random())) == 0
+
+    run_with_chip(tmp_path, body)
