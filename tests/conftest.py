@@ -3,7 +3,8 @@
 
 * ``daemon``: a factory fixture.  ``start = daemon; d = start(kernel="6.12", extra_args=())``
   runs ``python -m cusetpm serve --fuse DIR --state-dir DIR -v`` as a subprocess (so the
-  daemon starts and owns its swtpm), waits for its "serving" line and returns a
+  daemon starts and owns its swtpm), waits until it writes its node's path to
+  ``--ready-fd`` (cusetpm.testing.daemon) and returns a
   :class:`Daemon` (``.node``, ``.mount``, ``.proc``, ``.log()``, ``.stop()``).  At teardown
   every daemon still running gets SIGTERM, and for every daemon the fixture asserts exit
   status 0, that the FUSE mount is gone and that no swtpm process of it is left.
@@ -17,7 +18,8 @@
   whole life, so a second client (tpm2-tools ``-T swtpm:...`` or a raw socket on the port
   the daemon logs) is never accepted while the daemon runs.  Daemons that need to be
   inspected are therefore started with ``start(..., inspectable=True)``: the test starts its
-  own swtpm behind a small in-process multiplexer (:class:`SwtpmMux`) and the daemon is run
+  own swtpm behind a small in-process multiplexer (:class:`cusetpm.testing.relay.SwtpmMux`)
+  and the daemon is run
   with ``--tcti swtpm:host=127.0.0.1,port=P`` against it; the multiplexer forwards whole
   commands one at a time, and the helper slips its own raw GetCapability in between.  Ask
   only while the daemon is idle (no command in flight), or the answer is a snapshot of
@@ -35,11 +37,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,8 @@ import pytest
 from tpm2_pytss import ESAPI, TCTILdr
 from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
 
-from cusetpm.backends import free_port_pair
+from cusetpm.testing.daemon import DaemonError, Served, mounted, start_serve
+from cusetpm.testing.relay import SwtpmMux
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
@@ -63,17 +63,6 @@ _SWTPM_LINE = re.compile(r"started swtpm \(pid (\d+)\) on 127\.0\.0\.1:(\d+)")
 
 
 # --- small process helpers ------------------------------------------------------------------
-
-
-def mounted(path: str | os.PathLike[str]) -> bool:
-    """Is ``path`` a mount point in this mount namespace?"""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == target:
-                return True
-    return False
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
@@ -94,190 +83,27 @@ def processes_mentioning(text: str) -> list[tuple[int, str]]:
     return found
 
 
-# --- swtpm started by a test ----------------------------------------------------------------
-
-
-@dataclass
-class Swtpm:
-    """``swtpm socket --tpm2`` on loopback, started by the test (not by cusetpm)."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    state_dir: Path
-
-    @classmethod
-    def start(cls, state_dir: Path) -> "Swtpm":
-        state_dir.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            port = free_port_pair()
-            proc = subprocess.Popen(
-                ["swtpm", "socket", "--tpm2",
-                 "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-                 "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-                 "--tpmstate", f"dir={state_dir}",
-                 "--flags", "not-need-init,startup-clear"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )  # fmt: skip
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    # Both channels listen; the probes close before any real client connects
-                    # (swtpm serves one data client at a time).
-                    socket.create_connection(("127.0.0.1", port + 1), timeout=1).close()
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    return cls(proc, port, state_dir)
-                except OSError:
-                    time.sleep(0.02)
-            proc.kill()
-            proc.wait()
-        raise RuntimeError("swtpm did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
-
-
-def recv_tpm_message(sock: socket.socket) -> bytes:
-    """One whole TPM command or response (10-byte header, size at offset 2)."""
-    header = _recv_exact(sock, 10)
-    (size,) = struct.unpack(">I", header[2:6])
-    return header + _recv_exact(sock, max(size - 10, 0))
-
-
-class SwtpmMux:
-    """A swtpm of the test's own, reachable by several clients at once.
-
-    Clients connect to ``port`` (raw TPM commands, as swtpm's data channel) and ``port + 1``
-    (forwarded byte for byte to swtpm's control channel, which tpm2-tss's swtpm TCTI uses to
-    set the locality).  Each whole command is forwarded on the one connection to swtpm under
-    a lock, so :meth:`transact` can put its own commands between the daemon's.
-    """
-
-    def __init__(self, state_dir: Path) -> None:
-        self.swtpm = Swtpm.start(state_dir)
-        self._backend = socket.create_connection(("127.0.0.1", self.swtpm.port), timeout=30)
-        self._lock = threading.Lock()
-        self._closing = False
-        self._sockets: list[socket.socket] = []
-        self._listeners: list[socket.socket] = []
-        for _ in range(20):
-            port = free_port_pair()
-            try:
-                data = socket.create_server(("127.0.0.1", port))
-            except OSError:
-                continue
-            try:
-                ctrl = socket.create_server(("127.0.0.1", port + 1))
-            except OSError:
-                data.close()
-                continue
-            break
-        else:
-            raise RuntimeError("no free port pair for the multiplexer")
-        self.port = port
-        self._listeners = [data, ctrl]
-        threading.Thread(target=self._accept, args=(data, self._serve_data), daemon=True).start()
-        threading.Thread(target=self._accept, args=(ctrl, self._serve_ctrl), daemon=True).start()
-
-    def transact(self, command: bytes) -> bytes:
-        """Send one raw command to swtpm and return its response."""
-        with self._lock:
-            self._backend.sendall(command)
-            return recv_tpm_message(self._backend)
-
-    def _accept(self, listener: socket.socket, serve: Callable[[socket.socket], None]) -> None:
-        while not self._closing:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            self._sockets.append(conn)
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    def _serve_data(self, conn: socket.socket) -> None:
-        with conn:
-            while True:
-                try:
-                    command = recv_tpm_message(conn)
-                    conn.sendall(self.transact(command))
-                except (OSError, EOFError):
-                    return
-
-    def _serve_ctrl(self, conn: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.swtpm.port + 1), timeout=30)
-        except OSError:
-            conn.close()
-            return
-        self._sockets.append(upstream)
-
-        def pump(src: socket.socket, dst: socket.socket) -> None:
-            try:
-                while chunk := src.recv(4096):
-                    dst.sendall(chunk)
-            except OSError:
-                pass
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
-        pump(conn, upstream)
-
-    def close(self) -> None:
-        self._closing = True
-        for s in self._listeners + self._sockets + [self._backend]:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-        self.swtpm.stop()
-
-
 # --- the daemon -----------------------------------------------------------------------------
 
 
-def _kill_daemon(proc: subprocess.Popen[bytes], mount: Path, state_dir: Path) -> None:
-    """Last resort for a daemon that hangs: kill it, the swtpm it started, and its mount."""
-    proc.kill()
-    proc.wait()
-    for pid, _ in processes_mentioning(str(state_dir)):  # its swtpm, by the state dir it was given
+def _kill_swtpms(state_dir: Path) -> None:
+    """Last resort for a daemon that hung (and was killed): the swtpm it started, found by
+    the state dir it was given."""
+    for pid, _ in processes_mentioning(str(state_dir)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    subprocess.run(["fusermount3", "-u", "-z", str(mount)], capture_output=True)
 
 
 @dataclass
 class Daemon:
     """One ``python -m cusetpm serve --fuse`` subprocess."""
 
-    proc: subprocess.Popen[bytes]
+    served: Served
     mount: Path
     node: Path
     state_dir: Path
-    log_path: Path
     kernel: str
     #: The swtpm the daemon started (None when it was given --tcti).
     swtpm_pid: int | None = None
@@ -286,22 +112,25 @@ class Daemon:
     mux: SwtpmMux | None = None
     returncode: int | None = field(default=None, init=False)
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.served.proc
+
+    @property
+    def log_path(self) -> Path:
+        return self.served.log_path
+
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.served.log()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """Send ``sig`` (once) and wait for the exit status; kill it if it hangs."""
         if self.returncode is not None:
             return self.returncode
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _kill_daemon(self.proc, self.mount, self.state_dir)
-                self.returncode = self.proc.returncode
-                pytest.fail(f"cusetpm did not stop within {timeout} s of signal {sig}; log:\n{self.log()}")
-        self.returncode = self.proc.returncode
+        self.returncode = self.served.stop(sig, timeout)
+        if self.served.killed:
+            _kill_swtpms(self.state_dir)
+            pytest.fail(f"cusetpm did not stop within {timeout} s of signal {sig}; log:\n{self.log()}")
         return self.returncode
 
     def assert_stopped_cleanly(self) -> None:
@@ -331,26 +160,20 @@ def _start(
         args += ["--state-dir", str(state)]
     if verbose:
         args.append("-v")
-    argv = [sys.executable, "-m", "cusetpm", "serve", *args, *extra_args]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,  # a ^C on the test run must not reach it twice
-        )
-    d = Daemon(proc, mount, mount / "tpmrm0", state, log_path, kernel, mux=mux)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        text = d.log()
-        if f"cusetpm: serving {d.node} " in text:
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            why = f"exited with status {proc.returncode}" if proc.poll() is not None else "timed out"
-            if proc.poll() is None:
-                _kill_daemon(proc, mount, state)
-            if mux is not None:
-                mux.close()
-            pytest.fail(f"cusetpm did not start ({why}): {' '.join(argv)}\nlog:\n{text}")
-        time.sleep(0.05)
+    try:
+        served = start_serve([*args, *extra_args], log_path=log_path, mount=mount, cwd=REPO, timeout=START_TIMEOUT)
+    except DaemonError as exc:
+        failure = str(exc)  # "cusetpm did not start (why): argv", and its log
+    else:
+        failure = ""
+    if failure:
+        _kill_swtpms(state)
+        if mux is not None:
+            mux.close()
+        pytest.fail(failure)
+    d = Daemon(served, mount, mount / "tpmrm0", state, kernel, mux=mux)
+    assert served.node == d.node, f"cusetpm serves {served.node}, not {d.node}"
+    text = d.log()
     m = _SWTPM_LINE.search(text)
     if m:
         d.swtpm_pid, d.swtpm_port = int(m.group(1)), int(m.group(2))

@@ -7,24 +7,22 @@ swtpm's own; only the responses a test injects on purpose are made up.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
 import subprocess
-import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from tpm2_pytss.types import TPM2B_PUBLIC
 
 from cusetpm.kernel import wire as tpm
-from cusetpm.backends import free_port_pair, swtpm_argv, unframeable
+from cusetpm.backends import unframeable
 from cusetpm.kernel.profiles import PROFILES
 from cusetpm.kernel.request import Send, run_sync
 from cusetpm.kernel.wire import be32, command, u32
 from cusetpm.kernel.tpm2_cmd import auto_startup
 from cusetpm.kernel.structs import Chip
+from cusetpm.testing.swtpm import STARTED, Swtpm
 
 RH_OWNER = 0x40000001
 RH_NULL = 0x40000007
@@ -50,25 +48,18 @@ class RawTpm:
     log: list[tuple[int, int]] = field(default_factory=list)
     #: Called with each command first; a non-None result replaces the TPM's answer.
     injectors: list[Injector] = field(default_factory=list)
+    #: The swtpm process behind ``proc`` (cusetpm.testing.swtpm), stopped by :meth:`close`.
+    swtpm: Swtpm | None = None
 
     @classmethod
-    def start(cls, flags: str = "not-need-init,startup-clear") -> "RawTpm":
-        statedir = tempfile.mkdtemp(prefix="cusetpm-test-")
-        for _ in range(5):
-            port = free_port_pair()
-            argv = swtpm_argv(statedir, port, flags=flags)
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and proc.poll() is None:
-                try:
-                    sock = socket.create_connection(("127.0.0.1", port))
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    return cls(proc, sock, statedir, port)
-                except OSError:
-                    time.sleep(0.01)
-            proc.kill()
-            proc.wait()
-        raise RuntimeError("swtpm did not start")
+    def start(cls, flags: str = STARTED) -> "RawTpm":
+        swtpm = Swtpm.start(flags=flags)  # a fresh temporary state dir, removed on stop
+        try:
+            sock = swtpm.connect(timeout=None)
+        except OSError:
+            swtpm.stop()
+            raise
+        return cls(swtpm.proc, sock, str(swtpm.state_dir), swtpm.port, swtpm=swtpm)
 
     def send_raw(self, data: bytes) -> bytes:
         self.sock.sendall(data)
@@ -104,9 +95,8 @@ class RawTpm:
 
     def close(self) -> None:
         self.sock.close()
-        self.proc.terminate()
-        self.proc.wait()
-        shutil.rmtree(self.statedir, ignore_errors=True)
+        if self.swtpm is not None:
+            self.swtpm.stop()
 
 
 def make_chip(raw: RawTpm, profile: str = "6.12") -> Chip:

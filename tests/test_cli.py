@@ -17,15 +17,15 @@ from conftest import (
     REPO,
     BackendHandles,
     StartDaemon,
-    Swtpm,
     esapi,
     get_cap_handles,
-    mounted,
     processes_mentioning,
-    recv_tpm_message,
     swtpm_backend_handles,
     tpm2,
 )
+from cusetpm.testing.daemon import mounted
+from cusetpm.testing.relay import recv_tpm_message
+from cusetpm.testing.swtpm import Swtpm
 
 
 def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

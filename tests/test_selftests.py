@@ -158,9 +158,11 @@ for cls in SmokeTest SpaceTest AsyncTest; do
     (cd "$share/kernel-cwd" && "$python" -m unittest -v "tpm2_tests.$cls") > "$share/kernel-$cls.txt" 2>&1
     echo $? > "$share/kernel-$cls.rc"
 done
-"$python" -m cusetpm serve --cuse tpmrmcuse --kernel "$kernel" --state-dir /tmp/cusetpm-st > "$share/daemon.log" 2>&1 &
+# --ready-fd: the daemon writes the node's path to fd 3 (the file "ready") once it serves.
+"$python" -m cusetpm serve --cuse tpmrmcuse --kernel "$kernel" --state-dir /tmp/cusetpm-st --ready-fd 3 \
+    > "$share/daemon.log" 2>&1 3> "$share/ready" &
 daemon=$!
-for i in $(seq 150); do grep -q serving "$share/daemon.log" && break; sleep 0.2; done
+for i in $(seq 150); do [ -s "$share/ready" ] && break; sleep 0.2; done
 # The namespace script replaces /dev; give it the node from outside /dev.
 touch /run/cusenode && mount --bind /dev/tpmrmcuse /run/cusenode
 for cls in SmokeTest SpaceTest AsyncTest; do

@@ -1,0 +1,234 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""scripts/bench.py's paths to the TPM and how they are measured.
+
+One client stack for every path (tpm2-pytss ESAPI over a tpm2-tss TCTI, :class:`Client`),
+so only the path differs; :func:`measure` times them in interleaved rounds and
+:func:`count_commands` counts backend commands per user command through a relay.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes.util
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .bench_rig import Rig
+from .relay import CountingRelay
+
+# --- the client: one ESAPI per path ------------------------------------------------------
+
+
+class Client:
+    """ESAPI over one TCTI; ``with_key``: holding an ECC P-256 signing primary (owner hierarchy)."""
+
+    def __init__(self, tcti_name: str, tcti_conf: str, with_key: bool = True) -> None:
+        from tpm2_pytss import ESAPI, TCTILdr
+        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_ST, TPMA_OBJECT
+        from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_SIG_SCHEME, TPMT_TK_HASHCHECK
+
+        self.tcti = TCTILdr(tcti_name, tcti_conf)
+        try:
+            self.esapi = ESAPI(self.tcti)
+        except Exception:
+            self.tcti.close()
+            raise
+        self.key = None
+        if not with_key:
+            return
+        attrs = (
+            TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+            | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+        )  # fmt: skip
+        template = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=attrs)
+        try:
+            self.key = self.esapi.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.OWNER)[0]
+        except Exception:
+            self.close()
+            raise
+        self.digest = bytes(range(32))
+        self.scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)  # the key's own: ECDSA-SHA256
+        self.ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+
+    def get_random(self) -> None:
+        self.esapi.get_random(16)
+
+    def sign(self) -> None:
+        self.esapi.sign(self.key, self.digest, self.scheme, self.ticket)
+
+    def close(self) -> None:
+        if self.key is not None:
+            with contextlib.suppress(Exception):
+                self.esapi.flush_context(self.key)
+        self.esapi.close()
+        self.tcti.close()
+
+
+#: (row label, which client: "plain" has nothing loaded, "keyed" holds the signing key, method)
+OPS: list[tuple[str, str, str]] = [
+    ("GetRandom(16)", "plain", "get_random"),
+    ("  same, key loaded", "keyed", "get_random"),
+    ("Sign ECDSA P256", "keyed", "sign"),
+]
+#: The rows the project's goal is about.
+GOAL_OPS = ("GetRandom(16)", "Sign ECDSA P256")
+
+
+@dataclass
+class Route:
+    """One path to the TPM: its label, how to set it up, and what was measured."""
+
+    label: str
+    setup: Callable[[Rig], tuple[str, str]]  # -> (tcti name, tcti conf)
+    count_setup: Callable[[Rig], tuple[str, str, CountingRelay]]
+    #: Programs and tpm2-tss TCTI libraries the path needs (checked before anything starts).
+    needs: tuple[str, ...] = ("swtpm",)
+    tctis: tuple[str, ...] = ("swtpm",)
+    batches: dict[str, list[float]] = field(default_factory=dict)  # op -> per-batch mean µs
+    cmds: dict[str, float] = field(default_factory=dict)  # op -> backend commands per user cmd
+    error: str | None = None
+    count_error: str | None = None
+    #: µs for one request to the node file that does no TPM work (an idle read), node only.
+    request_us: float | None = None
+
+    def median(self, op: str) -> float | None:
+        b = self.batches.get(op)
+        return statistics.median(b) if b else None
+
+
+def direct_route() -> Route:
+    def setup(rig: Rig) -> tuple[str, str]:
+        return "swtpm", f"host=127.0.0.1,port={rig.swtpm('direct')}"
+
+    def count(rig: Rig) -> tuple[str, str, CountingRelay]:
+        relay = rig.relay(rig.swtpm("direct-count"))
+        return "swtpm", f"host=127.0.0.1,port={relay.port}", relay
+
+    return Route("direct", setup, count)
+
+
+def node_route(kernel: str) -> Route:
+    def setup(rig: Rig) -> tuple[str, str]:
+        return "device", rig.node(f"node-{kernel}", kernel)
+
+    def count(rig: Rig) -> tuple[str, str, CountingRelay]:
+        relay = rig.relay(rig.swtpm(f"node-{kernel}-count", startup=False))
+        node = rig.node(f"node-{kernel}-count", kernel, tcti=f"swtpm:host=127.0.0.1,port={relay.port}")
+        return "device", node, relay
+
+    return Route(f"node({kernel})", setup, count, tctis=("swtpm", "device"))
+
+
+def abrmd_route() -> Route:
+    def setup(rig: Rig) -> tuple[str, str]:
+        return "tabrmd", rig.abrmd("abrmd", rig.swtpm("abrmd"))
+
+    def count(rig: Rig) -> tuple[str, str, CountingRelay]:
+        relay = rig.relay(rig.swtpm("abrmd-count"))
+        return "tabrmd", rig.abrmd("abrmd-count", relay.port), relay
+
+    return Route(
+        "abrmd", setup, count, needs=("swtpm", "tpm2-abrmd", "dbus-daemon", "dbus-send"), tctis=("swtpm", "tabrmd")
+    )
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+def time_batch(fn: Callable[[], None], n: int) -> float:
+    """Mean µs per call over n calls."""
+    clock = time.perf_counter_ns
+    t0 = clock()
+    for _ in range(n):
+        fn()
+    return (clock() - t0) / n / 1000.0
+
+
+def open_clients(name: str, conf: str, stack: contextlib.ExitStack) -> dict[str, Client]:
+    """Two connections of one path: "plain" (empty) and "keyed" (the signing key loaded)."""
+    clients = {}
+    for kind in ("plain", "keyed"):
+        c = Client(name, conf, with_key=kind == "keyed")
+        stack.callback(c.close)
+        clients[kind] = c
+    return clients
+
+
+def missing(p: Route) -> str | None:
+    """What the path needs and this machine lacks, as a message, or None."""
+    progs = [x for x in p.needs if shutil.which(x) is None]
+    libs = [f"libtss2-tcti-{t}" for t in p.tctis if ctypes.util.find_library(f"tss2-tcti-{t}") is None]
+    if not progs and not libs:
+        return None
+    pkgs = {"libtss2-tcti-tabrmd": "libtss2-tcti-tabrmd0", "dbus-daemon": "dbus", "dbus-send": "dbus"}
+    need = ", ".join(progs + libs)
+    return f"not installed: {need} (Debian: {' '.join(sorted({pkgs.get(x, x) for x in progs + libs}))})"
+
+
+def request_floor(node: str, n: int = 2000) -> float:
+    """µs per idle read() of the node: one FUSE round trip through the daemon, no TPM work."""
+    fd = os.open(node, os.O_RDWR)
+    try:
+        for _ in range(50):
+            os.read(fd, 4096)
+        t = time.perf_counter()
+        for _ in range(n):
+            os.read(fd, 4096)
+        return (time.perf_counter() - t) / n * 1e6
+    finally:
+        os.close(fd)
+
+
+def measure(paths: list[Route], rig: Rig, rounds: int, sizes: dict[str, int], warmup: int) -> None:
+    clients: dict[str, dict[str, Client]] = {}
+    nodes: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        for p in paths:
+            if p.error:
+                continue
+            try:
+                name, conf = p.setup(rig)
+                if name == "device":
+                    nodes[p.label] = conf
+                cs = open_clients(name, conf, stack)
+                for _, kind, meth in OPS:
+                    for _ in range(warmup):
+                        getattr(cs[kind], meth)()
+                clients[p.label] = cs
+            except Exception as exc:  # report, measure the others
+                p.error = f"{type(exc).__name__}: {exc}"
+        for _ in range(rounds):
+            for op, kind, meth in OPS:
+                for p in paths:
+                    got = clients.get(p.label)
+                    if got is None or p.error:
+                        continue
+                    try:
+                        p.batches.setdefault(op, []).append(time_batch(getattr(got[kind], meth), sizes[meth]))
+                    except Exception as exc:
+                        p.error = f"{type(exc).__name__}: {exc}"
+        for p in paths:
+            if p.label in nodes and not p.error:
+                p.request_us = request_floor(nodes[p.label])
+
+
+def count_commands(paths: list[Route], rig: Rig, k: int) -> None:
+    for p in paths:
+        if p.error:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                name, conf, relay = p.count_setup(rig)
+                cs = open_clients(name, conf, stack)
+                for op, kind, meth in OPS:
+                    fn = getattr(cs[kind], meth)
+                    fn()  # settle (e.g. the key's first context save)
+                    before = relay.commands
+                    for _ in range(k):
+                        fn()
+                    p.cmds[op] = (relay.commands - before) / k
+        except Exception as exc:
+            p.count_error = f"{type(exc).__name__}: {exc}"

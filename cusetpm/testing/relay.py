@@ -1,0 +1,221 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""TCP relays in front of a swtpm, for tests and the benchmark.
+
+* :class:`SwtpmMux`: a swtpm of the caller's own that several clients reach at once (swtpm
+  itself serves one data client at a time); whole commands are forwarded one at a time, so
+  :meth:`SwtpmMux.transact` can slip its own between a daemon's.
+* :class:`CountingRelay`: a byte-for-byte relay that counts the TPM command frames passing
+  to the data port.
+
+Blocking sockets and daemon threads: only for test and bench processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Callable
+
+from .swtpm import Swtpm
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def recv_tpm_message(sock: socket.socket) -> bytes:
+    """One whole TPM command or response (10-byte header, size at offset 2)."""
+    header = _recv_exact(sock, 10)
+    (size,) = struct.unpack(">I", header[2:6])
+    return header + _recv_exact(sock, max(size - 10, 0))
+
+
+def count_frames(data: bytes) -> tuple[int, bytes]:
+    """Complete TPM command frames at the start of ``data`` (size at offset 2), and the rest."""
+    n = 0
+    while len(data) >= 10:
+        size = int.from_bytes(data[2:6], "big")
+        if size < 10 or len(data) < size:
+            break
+        data = data[size:]
+        n += 1
+    return n, data
+
+
+def _listen_pair(attempts: int = 200) -> tuple[int, list[socket.socket]]:
+    """Listening sockets on 127.0.0.1:P and P+1 for some free P."""
+    for _ in range(attempts):
+        port = random.randrange(20000, 60000)
+        socks: list[socket.socket] = []
+        try:
+            for p in (port, port + 1):
+                socks.append(socket.create_server(("127.0.0.1", p), backlog=8))
+        except OSError:
+            for s in socks:
+                s.close()
+            continue
+        return port, socks
+    raise RuntimeError("no free loopback port pair for the relay")
+
+
+def _shut(s: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    s.close()
+
+
+class SwtpmMux:
+    """A swtpm of the caller's own, reachable by several clients at once.
+
+    Clients connect to ``port`` (raw TPM commands, as swtpm's data channel) and ``port + 1``
+    (forwarded byte for byte to swtpm's control channel, which tpm2-tss's swtpm TCTI uses to
+    set the locality).  Each whole command is forwarded on the one connection to swtpm under
+    a lock, so :meth:`transact` can put its own commands between the daemon's.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.swtpm = Swtpm.start(state_dir)
+        try:
+            self._backend = self.swtpm.connect()
+            self.port, self._listeners = _listen_pair()
+        except BaseException:
+            self.swtpm.stop()
+            raise
+        self._lock = threading.Lock()
+        self._closing = False
+        self._sockets: list[socket.socket] = []
+        data, ctrl = self._listeners
+        threading.Thread(target=self._accept, args=(data, self._serve_data), daemon=True).start()
+        threading.Thread(target=self._accept, args=(ctrl, self._serve_ctrl), daemon=True).start()
+
+    def transact(self, command: bytes) -> bytes:
+        """Send one raw command to swtpm and return its response."""
+        with self._lock:
+            self._backend.sendall(command)
+            return recv_tpm_message(self._backend)
+
+    def _accept(self, listener: socket.socket, serve: Callable[[socket.socket], None]) -> None:
+        while not self._closing:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            self._sockets.append(conn)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    def _serve_data(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    command = recv_tpm_message(conn)
+                    conn.sendall(self.transact(command))
+                except (OSError, EOFError):
+                    return
+
+    def _serve_ctrl(self, conn: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.swtpm.port + 1), timeout=30)
+        except OSError:
+            conn.close()
+            return
+        self._sockets.append(upstream)
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while chunk := src.recv(4096):
+                    dst.sendall(chunk)
+            except OSError:
+                pass
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+        pump(conn, upstream)
+
+    def close(self) -> None:
+        self._closing = True
+        for s in self._listeners + self._sockets + [self._backend]:
+            _shut(s)
+        self.swtpm.stop()
+
+
+class CountingRelay:
+    """Loopback TCP relay RELAY -> target (data port) and RELAY+1 -> target+1 (control port).
+
+    Counts the complete TPM command frames (10-byte header, size at offset 2) sent to the
+    data port.  Blocking sockets and threads; the benchmark uses it only in its counting pass.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.commands = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self.port, listeners = _listen_pair()
+        self._socks: list[socket.socket] = list(listeners)
+        for off, lsock in enumerate(listeners):
+            threading.Thread(target=self._accept, args=(lsock, target_port + off, off == 0), daemon=True).start()
+
+    def _accept(self, lsock: socket.socket, target: int, count: bool) -> None:
+        # tpm2-tss's swtpm TCTI opens a new data connection for every command: keep up.
+        while not self._closed:
+            try:
+                client, _ = lsock.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", target))
+            except OSError:
+                client.close()
+                continue
+            pair = [client, server]
+            with self._lock:
+                self._socks += pair
+            for s in pair:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            done = threading.Barrier(2, action=lambda pair=pair: self._forget(pair))  # type: ignore[misc]
+            threading.Thread(target=self._pump, args=(client, server, count, done), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False, done), daemon=True).start()
+
+    def _forget(self, pair: list[socket.socket]) -> None:
+        with self._lock:
+            for s in pair:
+                s.close()
+                with contextlib.suppress(ValueError):
+                    self._socks.remove(s)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, count: bool, done: threading.Barrier) -> None:
+        pending = b""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if count:
+                    n, pending = count_frames(pending + data)
+                    with self._lock:
+                        self.commands += n
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                done.wait()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            _shut(s)
