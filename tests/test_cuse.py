@@ -351,8 +351,8 @@ def test_signals_leave_the_tpm_node_consistent() -> None:
 
     here = Path(__file__).resolve().parent
     script = (
-        f"{sys.executable} -m cusetpm serve --cuse tpmrmsig --state-dir /tmp/st > /tmp/d.log 2>&1 & "
-        "for i in $(seq 150); do grep -q serving /tmp/d.log && break; sleep 0.2; done; "
+        f"{sys.executable} -m cusetpm serve --cuse tpmrmsig --state-dir /tmp/st --ready-fd 3 3>/tmp/ready >/tmp/d.log 2>&1 & "
+        "for i in $(seq 150); do [ -s /tmp/ready ] && break; sleep 0.2; done; "
         f"{sys.executable} {here / 'cuse_signal_check.py'} /dev/tpmrmsig; rc=$?; "
         "kill -TERM %1 2>/dev/null || kill -TERM $(pgrep -f 'serve --cuse tpmrmsig'); wait; cat /tmp/d.log; exit $rc"
     )

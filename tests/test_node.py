@@ -4,15 +4,16 @@ wake-ups, the timer, close."""
 from __future__ import annotations
 
 import errno
+
 import pytest
 import trio
 
-from cusetpm.kernel import tpm_dev_common
 from cusetpm.backends import managed_swtpm
 from cusetpm.daemon import Node, TpmChip
+from cusetpm.kernel import tpm_dev_common
 from cusetpm.kernel.profiles import PROFILES
-from cusetpm.kernel.wire import be32
 from cusetpm.kernel.tpm_dev_common import POLL_IN, POLL_OUT
+from cusetpm.kernel.wire import be32
 from helpers import create_primary, get_cap_handles, get_random, handles_of, rc, start_auth_session
 
 

@@ -273,7 +273,7 @@ def _fail_nth_load(raw, rc_: int, nth: int = 1):
     raw.injectors.append(inject)
 
 
-# D2/D3 tables of spec 7.4: (rc, errno on 6.1, errno on 6.12); None = forgotten, command runs.
+# D2/D3 (docs/kernel-rules.md, ContextLoad answers): (rc, errno on 6.1, errno on 6.12); None = forgotten, command runs.
 SESSION_LOAD = [(0x1CB, errno.EFAULT, None), (0x18B, None, None), (0x08B, None, None), (0x910, None, None),
                 (0x1DF, errno.EFAULT, errno.EINVAL), (0x101, errno.EFAULT, errno.EFAULT)]  # fmt: skip
 OBJECT_LOAD = [(0x910, errno.ENOENT, errno.ENOENT), (0x1CB, errno.EFAULT, errno.ENOENT),

@@ -109,9 +109,10 @@ class TpmChip:
             except trio.WouldBlock:
                 await self.lock.acquire()
             try:
-                return await self.run(gen, core)
+                result = await self.run(gen, core)
             finally:
                 self.lock.release()
+        return result
 
     async def register(self) -> None:
         """tpm_chip_register()'s auto-startup: self test, Startup, command table.  The
@@ -125,7 +126,7 @@ class TpmChip:
             core.set_cc_attrs(self.cc_attrs_tbl)
         self.available = True
 
-    def queue_work(self, f: "DeviceFile") -> None:
+    def queue_work(self, f: DeviceFile) -> None:
         """Queue an O_NONBLOCK command (queue_work(tpm_dev_wq, ...)).  One worker task runs
         them in order; they would wait for the chip lock one after another anyway."""
         self._work_send.send_nowait(f)

@@ -47,7 +47,7 @@ class Node:
         self.core.seam = seam
         self.files: set[DeviceFile] = set()
 
-    def open(self, flags: int = os.O_RDWR, opener: Opener = Opener()) -> "DeviceFile":
+    def open(self, flags: int = os.O_RDWR, opener: Opener = Opener()) -> DeviceFile:
         """tpmrm_open(): a new file with an empty space.  Nothing reaches the TPM."""
         f = DeviceFile(self, opener)
         self.files.add(f)

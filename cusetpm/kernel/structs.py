@@ -34,7 +34,7 @@ class Space:
     #: Who opened the file (not in the kernel's struct): what a seam may key its decisions on.
     owner: object = None
 
-    def copy_from(self, other: "Space") -> None:
+    def copy_from(self, other: Space) -> None:
         """The memcpy()s of prepare/commit: tables and both whole buffers."""
         self.context_tbl[:] = other.context_tbl
         self.session_tbl[:] = other.session_tbl
@@ -58,7 +58,7 @@ class Chip:
     #: Command code of the command in progress (chip->last_cc).
     last_cc: int = 0
     #: The opt-in feature that sees every command (None: the kernel's own behaviour).
-    seam: "Seam | None" = None
+    seam: Seam | None = None
     #: Events signalled during a command, for the driver to wake their waiters (see
     #: :class:`cusetpm.kernel.request.Wait`).
     signals: list[str] = field(default_factory=list)

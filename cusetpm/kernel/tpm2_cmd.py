@@ -13,10 +13,10 @@ import logging
 
 from . import wire
 from .profiles import KernelProfile
-from .wire import be32, command, u32
 from .request import Io
 from .structs import Chip
 from .tpm_interface import transmit_cmd
+from .wire import be32, command, u32
 
 log = logging.getLogger(__name__)
 

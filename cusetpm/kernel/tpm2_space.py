@@ -19,11 +19,11 @@ import errno
 import logging
 
 from . import wire
-from .wire import be16, be32, command, put_be32, u32
 from .request import Io
-from .tpm2_cmd import find_cc, flush_context, rc_value
 from .structs import NR_SLOTS, Chip, Space
+from .tpm2_cmd import find_cc, flush_context, rc_value
 from .tpm_interface import transmit_cmd
+from .wire import be16, be32, command, put_be32, u32
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import logging
 from tpm2_pytss.constants import TPM2_CC
 
 from . import wire
-from .wire import be32
 from .request import Io, Send, Sleep
+from .wire import be32
 
 log = logging.getLogger(__name__)
 
