@@ -19,3 +19,36 @@ def test_handler_errors_become_errnos_and_never_escape():
         with pytest.raises(pyfuse3.FUSEError) as got:
             trio.run(raises, exc)
         assert got.value.errno == code
+
+
+def test_open_passes_who_opened_to_the_node(tmp_path):
+    """The FUSE request header's uid, gid and pid reach Node.open (a tenant policy keys on them)."""
+    import os
+    import threading
+
+    from cusetpm.backends import managed_swtpm
+    from cusetpm.daemon import Node, Opener, TpmChip
+    from cusetpm.frontends.fuse import serve_fuse
+    from cusetpm.kernel.profiles import PROFILES
+
+    async def main() -> None:
+        async with managed_swtpm(tmp_path / "state") as backend:
+            chip = TpmChip(backend)
+            await chip.register()
+            node = Node(chip, PROFILES["6.12"])
+            async with trio.open_nursery() as nursery:
+                await nursery.start(chip.serve)
+                await nursery.start(serve_fuse, node, str(tmp_path / "mnt"))
+                def open_it() -> tuple[int, int]:
+                    return os.open(str(tmp_path / "mnt" / "tpmrm0"), os.O_RDWR), threading.get_native_id()
+
+                fd, tid = await trio.to_thread.run_sync(open_it)
+                try:
+                    (f,) = node.files
+                    # FUSE names the calling thread (its tid), as the kernel's current->pid.
+                    assert f.opener == Opener(os.getuid(), os.getgid(), tid)
+                finally:
+                    await trio.to_thread.run_sync(os.close, fd)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
