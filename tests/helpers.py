@@ -15,13 +15,13 @@ from typing import Callable, Optional
 
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from cusetpm.kernel import wire as tpm
 from cusetpm.backends import unframeable
+from cusetpm.kernel import wire as tpm
 from cusetpm.kernel.profiles import PROFILES
 from cusetpm.kernel.request import Send, run_sync
-from cusetpm.kernel.wire import be32, command, u32
-from cusetpm.kernel.tpm2_cmd import auto_startup
 from cusetpm.kernel.structs import Chip
+from cusetpm.kernel.tpm2_cmd import auto_startup
+from cusetpm.kernel.wire import be32, command, u32
 from cusetpm.testing.swtpm import STARTED, Swtpm
 
 RH_OWNER = 0x40000001
@@ -52,7 +52,7 @@ class RawTpm:
     swtpm: Swtpm | None = None
 
     @classmethod
-    def start(cls, flags: str = STARTED) -> "RawTpm":
+    def start(cls, flags: str = STARTED) -> RawTpm:
         swtpm = Swtpm.start(flags=flags)  # a fresh temporary state dir, removed on stop
         try:
             sock = swtpm.connect(timeout=None)

@@ -8,8 +8,8 @@ import socket
 import pytest
 import trio
 
-from cusetpm.kernel import wire as tpm
 from cusetpm.backends import BackendError, SocketBackend, TctiBackend, managed_swtpm, unframeable
+from cusetpm.kernel import wire as tpm
 from cusetpm.kernel.wire import be32
 from helpers import RawTpm, get_random
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from cuse_echo_server import EchoDevice
-from cusetpm.frontends import cuse_proto as p
+
 from cusetpm.daemon.node import Opener
+from cusetpm.frontends import cuse_proto as p
 from cusetpm.frontends.cuse import PROBE_FH, _Server
 
 HERE = Path(__file__).resolve().parent

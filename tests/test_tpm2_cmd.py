@@ -6,8 +6,8 @@ import pytest
 
 from cusetpm.kernel import wire as tpm
 from cusetpm.kernel.profiles import PROFILES
-from cusetpm.kernel.tpm2_cmd import ChipInitError, auto_startup, find_cc, rc_value
 from cusetpm.kernel.structs import Chip
+from cusetpm.kernel.tpm2_cmd import ChipInitError, auto_startup, find_cc, rc_value
 from helpers import RawTpm, response
 
 

@@ -7,11 +7,22 @@ import errno
 import pytest
 
 from cusetpm.kernel import wire as tpm
-from cusetpm.kernel.wire import be32, u32
 from cusetpm.kernel.tpm2_space import SAVED, vhandle
+from cusetpm.kernel.wire import be32, u32
 from helpers import (
-    SyncFile, context_load, context_save, create_primary, flush_context, get_cap_handles,
-    get_random, handles_of, make_chip, rc, read_public, response, start_auth_session,
+    SyncFile,
+    context_load,
+    context_save,
+    create_primary,
+    flush_context,
+    get_cap_handles,
+    get_random,
+    handles_of,
+    make_chip,
+    rc,
+    read_public,
+    response,
+    start_auth_session,
 )  # fmt: skip
 
 CS, CL, FC = tpm.CC_CONTEXT_SAVE, tpm.CC_CONTEXT_LOAD, tpm.CC_FLUSH_CONTEXT

@@ -7,8 +7,8 @@ import errno
 import pytest
 
 from cusetpm.kernel import wire as tpm
-from cusetpm.kernel.wire import be32
 from cusetpm.kernel.tpm_dev_common import POLL_IN, POLL_OUT, USER_READ_TIMEOUT, FileState
+from cusetpm.kernel.wire import be32
 from helpers import SyncFile, get_random, make_chip, rc, read_public, response
 
 

@@ -6,8 +6,8 @@ import errno
 
 from cusetpm.kernel import wire as tpm
 from cusetpm.kernel.request import Send, Sleep
-from cusetpm.kernel.wire import be32
 from cusetpm.kernel.tpm_interface import ordinal_duration, transmit, transmit_cmd
+from cusetpm.kernel.wire import be32
 from helpers import get_random, response
 
 
