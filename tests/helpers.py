@@ -22,6 +22,7 @@ from cusetpm.kernel.request import Send, run_sync
 from cusetpm.kernel.structs import Chip
 from cusetpm.kernel.tpm2_cmd import auto_startup
 from cusetpm.kernel.wire import be32, command, u32
+from cusetpm.testing.fake_tpm import FakeTpm
 from cusetpm.testing.swtpm import STARTED, Swtpm
 
 RH_OWNER = 0x40000001
@@ -167,7 +168,7 @@ class SyncFile:
     order tpm_common_write()/tpm_common_read() use them (no locks needed in one thread).
     Like :class:`cusetpm.daemon.node.DeviceFile` it only calls FileState, which owns the rules."""
 
-    def __init__(self, chip: Chip, raw: RawTpm) -> None:
+    def __init__(self, chip: Chip, raw: RawTpm | FakeTpm) -> None:
         from cusetpm.kernel.tpm_dev_common import FileState
 
         self.chip = chip

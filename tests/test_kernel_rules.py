@@ -6,6 +6,7 @@ and release_space) is driven synchronously against :class:`cusetpm.testing.fake_
 whose log shows exactly what reached the TPM.  The same rules are checked against a real
 swtpm in test_tpm2_space.py and test_tpm_dev_common.py.
 """
+
 from __future__ import annotations
 
 import errno
@@ -17,41 +18,23 @@ from cusetpm.kernel import wire
 from cusetpm.kernel.profiles import PROFILES
 from cusetpm.kernel.structs import Chip
 from cusetpm.kernel.tpm2_cmd import auto_startup
-from cusetpm.kernel.tpm_dev_common import FileState, release_space, tpm_dev_transmit
+from cusetpm.kernel.tpm_dev_common import FileState
 from cusetpm.kernel.wire import be32, command, u32
 from cusetpm.testing.fake_tpm import FakeTpm
-from helpers import create_primary, get_cap_handles, get_random, handles_of, rc, read_public, start_auth_session
+from helpers import (
+    SyncFile,
+    create_primary,
+    get_cap_handles,
+    get_random,
+    handles_of,
+    rc,
+    read_public,
+    start_auth_session,
+)
 
 VHANDLE0 = 0x80FFFFFF
 TRANSIENT = int(TPM2_HT.TRANSIENT) << 24
 CYCLE = [TPM2_CC.ContextLoad, None, TPM2_CC.ContextSave, TPM2_CC.FlushContext]
-
-
-class File:
-    """One open /dev/tpmrm0 file: FileState and tpm_dev_transmit, in the order
-    tpm_common_write() and tpm_common_read() call them."""
-
-    def __init__(self, chip: Chip, fake: FakeTpm) -> None:
-        self.chip, self.fake = chip, fake
-        self.state = FileState(chip.profile)
-
-    def write(self, data: bytes) -> int:
-        FileState.check_size(len(data))
-        self.state.accept_write(data)
-        result = self.fake.run(tpm_dev_transmit(self.chip, self.state.space, self.state.buf))
-        return self.state.command_finished(result, len(data), 0.0)
-
-    def read(self, size: int = 4096) -> bytes:
-        if not self.state.read_needs_lock(size):
-            return b""
-        return self.state.read(size)
-
-    def cmd(self, data: bytes) -> bytes:
-        assert self.write(data) == len(data)
-        return self.read()
-
-    def close(self) -> None:
-        self.fake.run(release_space(self.chip, self.state.space))
 
 
 def registered(profile: str = "6.12") -> tuple[Chip, FakeTpm]:
@@ -74,7 +57,7 @@ def cycle(cc: int) -> list[int | None]:
 
 def test_create_primary_answers_a_vhandle_and_later_handles_are_translated_back(rig: tuple[Chip, FakeTpm]) -> None:
     chip, fake = rig
-    f = File(chip, fake)
+    f = SyncFile(chip, fake)
     rsp = f.cmd(create_primary())
     assert rc(rsp) == TPM2_RC.SUCCESS
     assert be32(rsp, 10) == VHANDLE0
@@ -95,14 +78,14 @@ def test_create_primary_answers_a_vhandle_and_later_handles_are_translated_back(
 
 def test_every_command_of_a_space_with_an_object_is_the_four_command_cycle(rig: tuple[Chip, FakeTpm]) -> None:
     chip, fake = rig
-    f = File(chip, fake)
+    f = SyncFile(chip, fake)
     f.cmd(create_primary())
     fake.ccs.clear()
     for _ in range(3):
         assert rc(f.cmd(get_random(8))) == TPM2_RC.SUCCESS
     assert fake.ccs == cycle(TPM2_CC.GetRandom) * 3
     # An empty space costs one command.
-    g = File(chip, fake)
+    g = SyncFile(chip, fake)
     fake.ccs.clear()
     assert rc(g.cmd(get_random(8))) == TPM2_RC.SUCCESS
     assert fake.ccs == [TPM2_CC.GetRandom]
@@ -118,7 +101,7 @@ def test_every_command_of_a_space_with_an_object_is_the_four_command_cycle(rig: 
 
 def test_an_unknown_command_code_is_answered_by_the_rm_with_no_tpm_traffic(rig: tuple[Chip, FakeTpm]) -> None:
     chip, fake = rig
-    f = File(chip, fake)
+    f = SyncFile(chip, fake)
     f.cmd(create_primary())
     fake.ccs.clear()
     rsp = f.cmd(command(0x1FFF))
@@ -131,7 +114,7 @@ def test_an_unknown_command_code_is_answered_by_the_rm_with_no_tpm_traffic(rig: 
 
 def test_sessions_are_flushed_when_the_file_is_released(rig: tuple[Chip, FakeTpm]) -> None:
     chip, fake = rig
-    f = File(chip, fake)
+    f = SyncFile(chip, fake)
     rsp = f.cmd(start_auth_session())
     session = be32(rsp, 10)
     assert rc(rsp) == TPM2_RC.SUCCESS and session >> 24 == TPM2_HT.HMAC_SESSION  # not virtualized
@@ -149,7 +132,7 @@ def test_sessions_are_flushed_when_the_file_is_released(rig: tuple[Chip, FakeTpm
 
 def test_get_capability_handles_lists_only_the_spaces_own_vhandles(rig: tuple[Chip, FakeTpm]) -> None:
     chip, fake = rig
-    a, b = File(chip, fake), File(chip, fake)
+    a, b = SyncFile(chip, fake), SyncFile(chip, fake)
     a.cmd(create_primary())
     a.cmd(create_primary())
     b.cmd(create_primary())
@@ -160,7 +143,7 @@ def test_get_capability_handles_lists_only_the_spaces_own_vhandles(rig: tuple[Ch
     assert rc(rsp) == TPM2_RC.SUCCESS and handles_of(rsp) == [VHANDLE0, VHANDLE0 - 1]
     assert be32(rsp, 2) == len(rsp) == 19 + 4 * 2
     assert handles_of(b.cmd(get_cap_handles(TRANSIENT))) == [VHANDLE0]
-    assert handles_of(File(chip, fake).cmd(get_cap_handles(TRANSIENT))) == []
+    assert handles_of(SyncFile(chip, fake).cmd(get_cap_handles(TRANSIENT))) == []
     # The TPM listed the foreign object to each of them (only it stays loaded between commands).
     assert handles_of(fake.execute(get_cap_handles(TRANSIENT))) == [foreign]
     # Other handle types pass unfiltered.
@@ -171,7 +154,7 @@ def test_get_capability_handles_lists_only_the_spaces_own_vhandles(rig: tuple[Ch
 def test_a_zero_length_read_discards_the_response_on_6_1_only() -> None:
     for profile, kept in (("6.12", True), ("6.1", False)):
         chip, fake = registered(profile)
-        f = File(chip, fake)
+        f = SyncFile(chip, fake)
         cmd = get_random(8)
         assert f.write(cmd) == len(cmd)
         assert f.state.read_needs_lock(0) is (not kept)
@@ -186,7 +169,7 @@ def test_a_zero_length_read_discards_the_response_on_6_1_only() -> None:
 
 def test_a_second_write_before_reading_is_ebusy(rig: tuple[Chip, FakeTpm]) -> None:
     chip, fake = rig
-    f = File(chip, fake)
+    f = SyncFile(chip, fake)
     f.write(get_random(8))
     fake.ccs.clear()
     with pytest.raises(OSError) as e:
@@ -200,7 +183,7 @@ def test_a_second_write_before_reading_is_ebusy(rig: tuple[Chip, FakeTpm]) -> No
 
 def test_a_write_over_4096_bytes_is_e2big(rig: tuple[Chip, FakeTpm]) -> None:
     chip, fake = rig
-    f = File(chip, fake)
+    f = SyncFile(chip, fake)
     big = command(TPM2_CC.GetCapability, u32(TPM2_CAP.HANDLES) + bytes(4096 - 14))
     assert len(big) == 4096
     with pytest.raises(OSError) as e:
@@ -213,7 +196,7 @@ def test_a_write_over_4096_bytes_is_e2big(rig: tuple[Chip, FakeTpm]) -> None:
 def test_object_memory_of_the_tpm_reaches_user_space_as_the_tpm_rc() -> None:
     chip, fake = registered()
     fake.max_objects = 1
-    f = File(chip, fake)
+    f = SyncFile(chip, fake)
     f.cmd(create_primary())
     fake.ccs.clear()
     # The space loads its object, leaving the TPM no room for the new one.
