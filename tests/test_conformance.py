@@ -2,7 +2,7 @@
 """Differential conformance: cusetpm against the real kernel resource manager.
 
 * Guest tests (``@pytest.mark.guest``): one qemu boot per kernel runs the whole corpus in
-  ``conformance/`` against the genuine /dev/tpmrmN (``swtpm chardev --vtpm-proxy``) and
+  ``cusetpm/conformance/corpus/`` against the genuine /dev/tpmrmN (``swtpm chardev --vtpm-proxy``) and
   against a ``cusetpm serve`` daemon with the matching profile, each scenario on fresh TPMs,
   and asserts that the transcripts are identical (up to the listed, unavoidable FUSE
   differences) and that every ``=>`` expectation of the corpus holds on the real kernel.
@@ -20,30 +20,47 @@ from pathlib import Path
 
 import pytest
 
-from cusetpm import conformance as c
+from cusetpm.conformance import KERNELS, NODE_KINDS
+from cusetpm.conformance.cli import add_conformance_parser, run_conformance
+from cusetpm.conformance.cli import main as conformance_main
+from cusetpm.conformance.normalize import Transcript, _FileTrack, poll_names
+from cusetpm.conformance.report import EXPECTED_DIFFERENCES, Comparison, compare, diff_transcripts
+from cusetpm.conformance.runner import run_scenario
+from cusetpm.conformance.scenario import (
+    ParseError,
+    _Undefined,
+    build_command,
+    build_data,
+    default_corpus,
+    load_scenarios,
+    parse_file,
+    parse_text,
+)
+from cusetpm.conformance.sides import FUSE_CLOSE_SETTLE, ForkedDaemon, _auto_close_waiter
+from cusetpm.conformance.strace import scenario_from_strace
 
-CORPUS = c.default_corpus()
+CORPUS = default_corpus()
 # --- guest: the whole corpus against both kernels, for the CUSE node and the FUSE file ---------
 
 
-@pytest.fixture(scope="module", params=[(k, n) for n in c.NODE_KINDS for k in c.KERNELS], ids=lambda p: f"{p[1]}-{p[0]}")
-def comparison(request) -> c.Comparison:
+@pytest.fixture(scope="module", params=[(k, n) for n in NODE_KINDS for k in KERNELS], ids=lambda p: f"{p[1]}-{p[0]}")
+def comparison(request) -> Comparison:
     kernel, node = request.param
     t0 = time.monotonic()
-    result = c.compare(kernel, [CORPUS], node=node)
+    result = compare(kernel, [CORPUS], node=node)
     print(f"\nconformance {kernel} ({node}): {len(result.outcomes)} scenarios, guest {result.guest_seconds:.0f}s, "
           f"call {time.monotonic() - t0:.0f}s, in-guest phases {result.raw.get('phases')}")
     return result
 
 
-def _details(result: c.Comparison) -> str:
+def _details(result: Comparison) -> str:
     return result.report()
 
 
 @pytest.mark.guest
-def test_corpus_runs_completely(comparison: c.Comparison) -> None:
+def test_corpus_runs_completely(comparison: Comparison) -> None:
     assert not comparison.errors, _details(comparison)
-    assert len(comparison.outcomes) == len(c.load_scenarios([CORPUS]))
+    assert len(comparison.outcomes) == len(load_scenarios([CORPUS]))
     for o in comparison.outcomes:
         k = comparison.raw["kernel_side"][o.scenario]
         ours = comparison.raw["ours"][o.scenario]
@@ -51,12 +68,12 @@ def test_corpus_runs_completely(comparison: c.Comparison) -> None:
 
 
 @pytest.mark.guest
-def test_corpus_expectations_hold_on_the_real_kernel(comparison: c.Comparison) -> None:
+def test_corpus_expectations_hold_on_the_real_kernel(comparison: Comparison) -> None:
     assert not comparison.expectation_failures, _details(comparison)
 
 
 @pytest.mark.guest
-def test_transcripts_identical_to_the_kernel(comparison: c.Comparison) -> None:
+def test_transcripts_identical_to_the_kernel(comparison: Comparison) -> None:
     assert comparison.differ == 0 and not comparison.differences, _details(comparison)
 
 
@@ -71,13 +88,29 @@ def test_corpus_scenario_on_host_daemon(name: str, daemon) -> None:
     """The runner against a ``cusetpm serve --fuse`` daemon on this host, fresh per scenario:
     every expectation the corpus states for 6.12 holds (the guest tests compare with the real
     kernel; this catches runner or daemon breakage in seconds)."""
-    (sc,) = [s for s in c.load_scenarios([CORPUS]) if s.name == name]
+    (sc,) = [s for s in load_scenarios([CORPUS]) if s.name == name]
     node = str(daemon(kernel="6.12").node)
-    waiter = c._auto_close_waiter(node) or (lambda: time.sleep(c.FUSE_CLOSE_SETTLE))
-    tr = c.run_scenario(sc, node, kernel="6.12", after_close=waiter)
+    waiter = _auto_close_waiter(node) or (lambda: time.sleep(FUSE_CLOSE_SETTLE))
+    tr = run_scenario(sc, node, kernel="6.12", after_close=waiter)
     assert tr["error"] is None, tr
     bad = [s for s in tr["steps"] if s["expect_ok"] is False]
     assert not bad, bad
+
+
+def test_forked_daemon_reports_its_node_on_the_ready_fd(tmp_path: Path) -> None:
+    """The in-guest daemon side on this host: forked ``cusetpm serve --ready-fd`` answers with
+    its node's path on the pipe, serves it, and exits 0 on SIGTERM."""
+    d = ForkedDaemon(tmp_path, "6.12", "fuse", 0)
+    try:
+        node = d.ready()
+        assert node == str(tmp_path / "try1" / "mnt" / "tpmrm0"), d.log()
+        assert d.attempts == 1 and os.path.exists(node)
+        (sc,) = parse_text("scenario x\nopen a\ncmd a 17b 0008 => 12\nread a 4096 => 20 rc=0x0\nclose a\n")
+        tr = run_scenario(sc, node, kernel="6.12", after_close=d.close_waiter())
+        assert tr["error"] is None and all(s["expect_ok"] for s in tr["steps"][1:3]), tr
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.log()
 
 
 # --- parser -------------------------------------------------------------------------------------
@@ -102,7 +135,7 @@ sleep 0.01
 
 
 def test_parse_sample() -> None:
-    first, second = c.parse_text(SAMPLE, "sample.scn")
+    first, second = parse_text(SAMPLE, "sample.scn")
     assert [first.name, second.name] == ["first", "second"]
     assert first.lets == {"body": ("0000", "000b")}
     ops = [s.op for s in first.steps]
@@ -121,7 +154,7 @@ def test_parse_sample() -> None:
 def test_file_without_scenario_line_is_named_after_the_file(tmp_path: Path) -> None:
     f = tmp_path / "my-program.scn"
     f.write_text("open a\ncmd a 17b 0008\nread a 4096\n")
-    (sc,) = c.parse_file(f)
+    (sc,) = parse_file(f)
     assert sc.name == "my-program" and len(sc.steps) == 3
 
 
@@ -146,26 +179,26 @@ def test_file_without_scenario_line_is_named_after_the_file(tmp_path: Path) -> N
     ("scenario a b\n", "scenario NAME"),
 ])
 def test_parse_errors(text: str, message: str) -> None:
-    with pytest.raises(c.ParseError, match=message) as info:
-        c.parse_text(text, "bad.scn")
+    with pytest.raises(ParseError, match=message) as info:
+        parse_text(text, "bad.scn")
     assert "bad.scn" in str(info.value)
 
 
 def test_build_data_and_command() -> None:
     v = {"h": bytes.fromhex("80ffffff")}
-    assert c.build_data(["8001", "00*3", "ab${h}cd"], v) == bytes.fromhex("8001000000ab80ffffffcd")
-    assert c.build_data([], v) == b""
-    with pytest.raises(c._Undefined):
-        c.build_data(["${nope}"], v)
-    assert c.build_command(["17b", "0008"], v) == bytes.fromhex("80010000000c0000017b0008")
-    assert c.build_command(["tag=8002", "0000017b", "${h}"], v) == bytes.fromhex("80020000000e0000017b80ffffff")
+    assert build_data(["8001", "00*3", "ab${h}cd"], v) == bytes.fromhex("8001000000ab80ffffffcd")
+    assert build_data([], v) == b""
+    with pytest.raises(_Undefined):
+        build_data(["${nope}"], v)
+    assert build_command(["17b", "0008"], v) == bytes.fromhex("80010000000c0000017b0008")
+    assert build_command(["tag=8002", "0000017b", "${h}"], v) == bytes.fromhex("80020000000e0000017b80ffffff")
 
 
 # --- normalizer ---------------------------------------------------------------------------------
 
 
-def _track(cmd: str) -> c._FileTrack:
-    t = c._FileTrack(fd=-1)
+def _track(cmd: str) -> _FileTrack:
+    t = _FileTrack(fd=-1)
     t.written(bytes.fromhex(cmd))
     return t
 
@@ -213,16 +246,16 @@ def test_normalize_handles_and_capabilities() -> None:
 def test_poll_names() -> None:
     import select
 
-    assert c.poll_names(0) == "none"
-    assert c.poll_names(select.POLLIN | select.POLLRDNORM) == "IN|RDNORM"
-    assert c.poll_names(select.POLLOUT | select.POLLWRNORM | select.POLLHUP) == "OUT|HUP|WRNORM"
+    assert poll_names(0) == "none"
+    assert poll_names(select.POLLIN | select.POLLRDNORM) == "IN|RDNORM"
+    assert poll_names(select.POLLOUT | select.POLLWRNORM | select.POLLHUP) == "OUT|HUP|WRNORM"
 
 
 # --- runner mechanics (on /dev/null, which accepts everything) -----------------------------------
 
 
 def test_runner_on_dev_null() -> None:
-    (sc,) = c.parse_text("""
+    (sc,) = parse_text("""
 scenario null
 open a                     => ok
 cmd a 17b 0008             => 12
@@ -240,7 +273,7 @@ open a
 close a                    => 0
 close a                    => ERR
 """)
-    tr = c.run_scenario(sc, os.devnull)
+    tr = run_scenario(sc, os.devnull)
     assert tr["error"] is None
     results = [s["result"] for s in tr["steps"]]
     assert results[9].startswith("ERR save")
@@ -251,63 +284,63 @@ close a                    => ERR
 
 
 def test_runner_reports_unmet_expectations_per_kernel() -> None:
-    (sc,) = c.parse_text("scenario x\nopen a =>6.1 ok =>6.12 nope\nclose a\n")
-    assert c.run_scenario(sc, os.devnull, kernel="6.1")["steps"][0]["expect_ok"] is True
-    assert c.run_scenario(sc, os.devnull, kernel="6.12")["steps"][0]["expect_ok"] is False
-    assert c.run_scenario(sc, os.devnull)["steps"][0]["expect_ok"] is None
+    (sc,) = parse_text("scenario x\nopen a =>6.1 ok =>6.12 nope\nclose a\n")
+    assert run_scenario(sc, os.devnull, kernel="6.1")["steps"][0]["expect_ok"] is True
+    assert run_scenario(sc, os.devnull, kernel="6.12")["steps"][0]["expect_ok"] is False
+    assert run_scenario(sc, os.devnull)["steps"][0]["expect_ok"] is None
 
 
 # --- comparison ------------------------------------------------------------------------------------
 
 
-def _tr(*results: str, ops: tuple[str, ...] = ()) -> dict:
+def _tr(*results: str, ops: tuple[str, ...] = ()) -> Transcript:
     ops = ops or tuple(f"op{i}" for i in range(len(results)))
     return {"steps": [{"line": i + 1, "op": o, "result": r, "expected": None, "expect_ok": None}
-                      for i, (o, r) in enumerate(zip(ops, results))], "error": None, "seconds": 0}
+                      for i, (o, r) in enumerate(zip(ops, results, strict=True))], "error": None, "seconds": 0}
 
 
 def test_diff_transcripts() -> None:
-    same = c.diff_transcripts("6.12", "fuse", "s", _tr("ok", "12"), _tr("ok", "12"))
+    same = diff_transcripts("6.12", "fuse", "s", _tr("ok", "12"), _tr("ok", "12"))
     assert same.identical and not same.differences
-    d = c.diff_transcripts("6.12", "fuse", "s", _tr("ok", "12"), _tr("ok", "EBUSY"))
+    d = diff_transcripts("6.12", "fuse", "s", _tr("ok", "12"), _tr("ok", "EBUSY"))
     assert not d.identical
     (diff,) = d.differences
     assert (diff.step, diff.kernel_result, diff.our_result, diff.expected) == (2, "12", "EBUSY", None)
-    short = c.diff_transcripts("6.12", "fuse", "s", _tr("ok", "12"), _tr("ok"))
+    short = diff_transcripts("6.12", "fuse", "s", _tr("ok", "12"), _tr("ok"))
     assert short.differences[0].our_result == "<not run>"
-    err = c.diff_transcripts("6.12", "fuse", "s", _tr("ok"), {"steps": [], "error": "boom", "seconds": 0})
+    err = diff_transcripts("6.12", "fuse", "s", _tr("ok"), {"steps": [], "error": "boom", "seconds": 0})
     assert not err.identical and err.errors
 
 
 def test_expected_differences_apply_to_their_nodes_only() -> None:
     ops = ("open a", "write a")
     k, o = _tr("ok", "EINVAL", ops=ops), _tr("ok", "0", ops=ops)
-    fuse = c.diff_transcripts("6.1", "fuse", "write-einval-sizes", k, o)
+    fuse = diff_transcripts("6.1", "fuse", "write-einval-sizes", k, o)
     assert fuse.identical and fuse.differences[0].expected is not None
-    cuse = c.diff_transcripts("6.1", "cuse", "write-einval-sizes", k, o)
+    cuse = diff_transcripts("6.1", "cuse", "write-einval-sizes", k, o)
     assert cuse.identical  # the FUSE layer decides zero-length writes for CUSE too
     seek_ops = ("open w", "lseek w")
     ks, os_ = _tr("ok", "ESPIPE", ops=seek_ops), _tr("ok", "0", ops=seek_ops)
-    assert c.diff_transcripts("6.12", "cuse", "access-modes", ks, os_).identical
-    assert not c.diff_transcripts("6.12", "fuse", "access-modes", ks, os_).identical
-    other = c.diff_transcripts("6.1", "fuse", "another-scenario", k, o)
+    assert diff_transcripts("6.12", "cuse", "access-modes", ks, os_).identical
+    assert not diff_transcripts("6.12", "fuse", "access-modes", ks, os_).identical
+    other = diff_transcripts("6.1", "fuse", "another-scenario", k, o)
     assert not other.identical
     # a different result at the same step is not covered
     o2 = _tr("ok", "EBUSY", ops=ops)
-    assert not c.diff_transcripts("6.1", "fuse", "write-einval-sizes", k, o2).identical
+    assert not diff_transcripts("6.1", "fuse", "write-einval-sizes", k, o2).identical
 
 
 def test_expected_differences_name_real_corpus_steps() -> None:
     """Each listed difference points at an existing step of the corpus, for a real node."""
-    by_name = {s.name: s for s in c.load_scenarios([CORPUS])}
-    for e in c.EXPECTED_DIFFERENCES:
-        assert e.nodes and set(e.nodes) <= set(c.NODE_KINDS), e
+    by_name = {s.name: s for s in load_scenarios([CORPUS])}
+    for e in EXPECTED_DIFFERENCES:
+        assert e.nodes and set(e.nodes) <= set(NODE_KINDS), e
         assert e.scenario in by_name, e
         assert e.op in [s.text for s in by_name[e.scenario].steps], e
 
 
 def test_corpus_parses_and_is_documented() -> None:
-    scenarios = c.load_scenarios([CORPUS])
+    scenarios = load_scenarios([CORPUS])
     assert len(scenarios) >= 40
     names = [s.name for s in scenarios]
     assert len(names) == len(set(names))
@@ -340,8 +373,8 @@ STRACE = r'''
 
 
 def test_scenario_from_strace() -> None:
-    text = c.scenario_from_strace(STRACE)
-    (sc,) = c.parse_text(text)
+    text = scenario_from_strace(STRACE)
+    (sc,) = parse_text(text)
     assert [s.text for s in sc.steps] == [
         "open a nonblock",
         "write a 80010000000c0000017b0008",
@@ -358,7 +391,7 @@ def test_scenario_from_strace() -> None:
 
 def test_scenario_from_strace_rejects_truncated_strings() -> None:
     with pytest.raises(ValueError, match="-s 65536"):
-        c.scenario_from_strace('1 openat(AT_FDCWD, "/dev/tpmrm0", O_RDWR) = 3\n'
+        scenario_from_strace('1 openat(AT_FDCWD, "/dev/tpmrm0", O_RDWR) = 3\n'
                                '1 write(3, "\\x80\\x01"..., 12) = 12\n')
 
 
@@ -368,9 +401,9 @@ def test_scenario_from_strace_rejects_truncated_strings() -> None:
 def test_cli_parser_wiring() -> None:
     parser = argparse.ArgumentParser(prog="cusetpm")
     sub = parser.add_subparsers(dest="command", required=True)
-    c.add_conformance_parser(sub)
+    add_conformance_parser(sub)
     args = parser.parse_args(["conformance", "--kernel", "6.1", "--node", "cuse", "x.scn"])
-    assert (args.kernel, args.node, args.files, args.func) == ("6.1", "cuse", ["x.scn"], c.run_conformance)
+    assert (args.kernel, args.node, args.files, args.func) == ("6.1", "cuse", ["x.scn"], run_conformance)
     args = parser.parse_args(["conformance"])
     assert (args.kernel, args.node, args.files) == ("all", "fuse", [])
 
@@ -379,9 +412,9 @@ def test_cli_rejects_bad_scenario_file_without_booting(tmp_path: Path, capsys) -
     bad = tmp_path / "bad.scn"
     bad.write_text("scenario x\nfrobnicate\n")
     parser = argparse.ArgumentParser()
-    c.add_conformance_parser(parser.add_subparsers())
+    add_conformance_parser(parser.add_subparsers())
     args = parser.parse_args(["conformance", str(bad)])
-    assert c.run_conformance(args) == 2
+    assert run_conformance(args) == 2
     assert "unknown operation" in capsys.readouterr().err
 
 
@@ -389,6 +422,6 @@ def test_module_run_command(tmp_path: Path, capsys) -> None:
     f = tmp_path / "t.scn"
     f.write_text("scenario t\nopen a\nwrite a 0011 => 2\nclose a\n")
     out = tmp_path / "t.json"
-    assert c.main(["run", "--node", os.devnull, "--out", str(out), str(f)]) == 0
+    assert conformance_main(["run", "--node", os.devnull, "--out", str(out), str(f)]) == 0
     assert "scenario t" in capsys.readouterr().out
     assert json.loads(out.read_text())["t"]["steps"][1]["result"] == "2"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cusetpm import rig
+from cusetpm.rig.kernels import _modname
 
 pytestmark = pytest.mark.guest
 
@@ -125,7 +126,7 @@ def test_timeout_cleans_up(tmp_path, monkeypatch):
 def test_module_order_has_deps_first():
     for version in rig.KERNELS:
         kernel = rig.ensure_kernel(version)
-        order = [rig._modname(p) for p in rig.module_load_order(kernel)]
+        order = [_modname(p) for p in rig.module_load_order(kernel)]
         assert "cuse" in order and "tpm_vtpm_proxy" in order
         if "fuse" in order:
             assert order.index("fuse") < order.index("cuse")
