@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The ``cusetpm`` command line."""
+
 from __future__ import annotations
 
 import argparse

@@ -28,6 +28,7 @@ Prints; never asserts on speed.  Exits 1 only if some part failed to run.
 The parts live in cusetpm.testing: bench_rig (processes), bench_paths (client, paths,
 measuring), bench_report (the tables); swtpm, daemon and relay are the test support's own.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -30,6 +30,7 @@
 * ``tpm2(node, "tpm2_xxx", *args, cwd=...)``: runs an unmodified tpm2-tools command with
   ``TPM2TOOLS_TCTI=device:NODE``; fails the test with its output unless ``check=False``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -146,9 +147,7 @@ class Daemon:
             )
 
 
-def _start(
-    base: Path, kernel: str, extra_args: Sequence[str], inspectable: bool, verbose: bool
-) -> Daemon:
+def _start(base: Path, kernel: str, extra_args: Sequence[str], inspectable: bool, verbose: bool) -> Daemon:
     base.mkdir(parents=True, exist_ok=True)
     mount, state, log_path = base / "mnt", base / "state", base / "daemon.log"
     args = ["--fuse", str(mount), "--kernel", kernel]
@@ -326,8 +325,12 @@ def transient_handles(ectx: ESAPI) -> list[int]:
 
 
 def tpm2(
-    node: str | os.PathLike[str], *args: str, cwd: str | os.PathLike[str], input: bytes | None = None,
-    check: bool = True, timeout: float = 60,
+    node: str | os.PathLike[str],
+    *args: str,
+    cwd: str | os.PathLike[str],
+    input: bytes | None = None,
+    check: bool = True,
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run an unmodified tpm2-tools command against ``node`` (TCTI ``device:NODE``)."""
     env = dict(os.environ, TPM2TOOLS_TCTI=f"device:{node}")
@@ -335,7 +338,12 @@ def tpm2(
     tool = shutil.which(args[0])
     assert tool is not None, f"{args[0]} is not installed (Debian package tpm2-tools)"
     proc = subprocess.run(
-        [tool, *args[1:]], cwd=cwd, env=env, input=input, capture_output=True, timeout=timeout,
+        [tool, *args[1:]],
+        cwd=cwd,
+        env=env,
+        input=input,
+        capture_output=True,
+        timeout=timeout,
         stdin=None if input is not None else subprocess.DEVNULL,
     )
     if check and proc.returncode != 0:

@@ -14,6 +14,7 @@ nothing ready).  A few magic writes let a test look inside:
 Run as a script it serves ``/dev/<name>`` and prints ``READY`` once the node can
 be opened; SIGTERM or SIGINT stops it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -142,9 +143,7 @@ class EchoFile:
 async def main(name: str, mode: int | None, major: int, minor: int) -> None:
     async with trio.open_nursery() as nursery:
         device = EchoDevice(nursery)
-        await nursery.start(
-            functools.partial(serve_cuse, device, name, mode=mode, major=major, minor=minor)
-        )
+        await nursery.start(functools.partial(serve_cuse, device, name, mode=mode, major=major, minor=minor))
         print("READY", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:

@@ -5,6 +5,7 @@ Starts ``cuse_echo_server.py`` as a separate process and uses its ``/dev/<name>`
 with plain syscalls, as any program would.  Prints ``ok <check>`` per check and
 ``ALL OK`` at the end; exits 1 with a traceback at the first failure.
 """
+
 from __future__ import annotations
 
 import errno
@@ -270,9 +271,7 @@ def wait_until_read_reaches_server() -> None:
 
 
 def start_child(mode: str) -> subprocess.Popen[str]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, PATH, mode], stdout=subprocess.PIPE, text=True
-    )
+    child = subprocess.Popen([sys.executable, "-c", CHILD, PATH, mode], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "reading"
     wait_until_read_reaches_server()

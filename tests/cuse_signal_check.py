@@ -6,6 +6,7 @@ keys).  The kernel turns each signal into a FUSE_INTERRUPT; /dev/tpmrm0's operat
 uninterruptible, so every call must still return its real result and the space must stay
 consistent.  Prints OK and exits 0, or raises.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@
 Unit tests run the sans-I/O core against this (``tpm.run_sync``): the TPM behaviour is
 swtpm's own; only the responses a test injects on purpose are made up.
 """
+
 from __future__ import annotations
 
 import os

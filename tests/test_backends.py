@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Backends against real swtpm processes."""
+
 from __future__ import annotations
 
 import errno

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Every bad-input row of the spec's section 13 through the node: the kernel's answer, and
 afterwards the daemon, a bystander space and the backing TPM unharmed (no leaked handles)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -187,8 +188,9 @@ ROWS = [
     Row("TPM error rc passes through", _tpm_error_passes, both(0x18B)),
     Row("fourth object: the TPM's OBJECT_MEMORY", _fourth_object, both(0x902)),
     Row("fourth session: the TPM's SESSION_HANDLES", _fourth_session, both(0x903)),
-    Row("after an error with a session: 6.1 EFAULT, 6.12 forgets", _stuck_after_error,
-        {"6.1": errno.EFAULT, "6.12": 0}),  # fmt: skip
+    Row(
+        "after an error with a session: 6.1 EFAULT, 6.12 forgets", _stuck_after_error, {"6.1": errno.EFAULT, "6.12": 0}
+    ),  # fmt: skip
     Row("unreadable write buffer: EFAULT", _bad_write_pointer, both(errno.EFAULT)),
     Row("unwritable read buffer: EFAULT", _bad_read_pointer, both(errno.EFAULT)),
     Row("write on O_RDONLY: EBADF", _write_rdonly, both(errno.EBADF)),

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """scripts/bench.py: its command counting, and one tiny end-to-end run (numbers not judged)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -74,7 +75,11 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     env = dict(os.environ, TMPDIR=str(tmp_path))
     r = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The ``cusetpm serve`` command line, run as a real subprocess."""
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@
 * Unit tests of the scenario parser, the normalizer, the runner mechanics, the comparison
   and the strace converter (no guest).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,10 @@ def comparison(request) -> Comparison:
     kernel, node = request.param
     t0 = time.monotonic()
     result = compare(kernel, [CORPUS], node=node)
-    print(f"\nconformance {kernel} ({node}): {len(result.outcomes)} scenarios, guest {result.guest_seconds:.0f}s, "
-          f"call {time.monotonic() - t0:.0f}s, in-guest phases {result.raw.get('phases')}")
+    print(
+        f"\nconformance {kernel} ({node}): {len(result.outcomes)} scenarios, guest {result.guest_seconds:.0f}s, "
+        f"call {time.monotonic() - t0:.0f}s, in-guest phases {result.raw.get('phases')}"
+    )
     return result
 
 
@@ -79,8 +82,7 @@ def test_transcripts_identical_to_the_kernel(comparison: Comparison) -> None:
 
 # --- host: a few corpus scenarios against a real daemon (no qemu) ----------------------------------
 
-HOST_SCENARIOS = ["read-partial", "write-ebusy", "object-slots-exhaustion", "session-slots",
-                  "nonblock-async-errors"]
+HOST_SCENARIOS = ["read-partial", "write-ebusy", "object-slots-exhaustion", "session-slots", "nonblock-async-errors"]
 
 
 @pytest.mark.parametrize("name", HOST_SCENARIOS)
@@ -158,26 +160,29 @@ def test_file_without_scenario_line_is_named_after_the_file(tmp_path: Path) -> N
     assert sc.name == "my-program" and len(sc.steps) == 3
 
 
-@pytest.mark.parametrize("text, message", [
-    ("scenario x\nfrobnicate a\n", "unknown operation"),
-    ("scenario x\nwrite a 8001 0\n", "even number of hex digits"),
-    ("scenario x\nwrite a zz\n", "even number of hex digits"),
-    ("scenario x\nwrite a 00*x\n", "repeat count"),
-    ("scenario x\nopen a\nscenario x\nopen a\n", "defined twice"),
-    ("open a\nscenario x\nopen a\n", "before the first 'scenario'"),
-    ("scenario x\nopen a =>5.10 ok\n", "unknown kernel"),
-    ("scenario x\nopen a =>\n", "empty expectation"),
-    ("scenario x\nread a big\n", "decimal"),
-    ("scenario x\nopen a sideways\n", "unknown open flag"),
-    ("scenario x\ncmd a\n", r"takes 2\+ arguments"),
-    ("scenario x\ncmd a xyz\n", "command code"),
-    ("scenario x\npoll a sometimes\n", "poll takes"),
-    ("scenario x\nsetfl a fast\n", "setfl takes"),
-    ("scenario x\nsave 1x a 10\n", "bad variable name"),
-    ("scenario x\nwrite a ${x\n", "variable reference"),
-    ("scenario empty\n", "no operations"),
-    ("scenario a b\n", "scenario NAME"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("scenario x\nfrobnicate a\n", "unknown operation"),
+        ("scenario x\nwrite a 8001 0\n", "even number of hex digits"),
+        ("scenario x\nwrite a zz\n", "even number of hex digits"),
+        ("scenario x\nwrite a 00*x\n", "repeat count"),
+        ("scenario x\nopen a\nscenario x\nopen a\n", "defined twice"),
+        ("open a\nscenario x\nopen a\n", "before the first 'scenario'"),
+        ("scenario x\nopen a =>5.10 ok\n", "unknown kernel"),
+        ("scenario x\nopen a =>\n", "empty expectation"),
+        ("scenario x\nread a big\n", "decimal"),
+        ("scenario x\nopen a sideways\n", "unknown open flag"),
+        ("scenario x\ncmd a\n", r"takes 2\+ arguments"),
+        ("scenario x\ncmd a xyz\n", "command code"),
+        ("scenario x\npoll a sometimes\n", "poll takes"),
+        ("scenario x\nsetfl a fast\n", "setfl takes"),
+        ("scenario x\nsave 1x a 10\n", "bad variable name"),
+        ("scenario x\nwrite a ${x\n", "variable reference"),
+        ("scenario empty\n", "no operations"),
+        ("scenario a b\n", "scenario NAME"),
+    ],
+)
 def test_parse_errors(text: str, message: str) -> None:
     with pytest.raises(ParseError, match=message) as info:
         parse_text(text, "bad.scn")
@@ -218,18 +223,18 @@ def test_normalize_partial_reads() -> None:
     assert t.got(rsp[7:12], False) == "5 hdr[7:10]=000000"
     assert t.got(rsp[12:], False) == "8"
     # the next read starts a new response
-    assert t.got(bytes.fromhex("80010000000a000b0143"), True) == \
-        "10 tag=8001 size=10 rc=0xb0143 bytes=80010000000a000b0143"
+    assert (
+        t.got(bytes.fromhex("80010000000a000b0143"), True)
+        == "10 tag=8001 size=10 rc=0xb0143 bytes=80010000000a000b0143"
+    )
 
 
 def test_normalize_handles_and_capabilities() -> None:
     t = _track("80010000000e00000186" + "0000000b")
-    assert t.got(bytes.fromhex("80010000000e0000000080fffffe"), False) == \
-        "14 tag=8001 size=14 rc=0x0 handle=0x80fffffe"
+    assert t.got(bytes.fromhex("80010000000e0000000080fffffe"), False) == "14 tag=8001 size=14 rc=0x0 handle=0x80fffffe"
     t = _track("800100000016" + "0000017a" + "00000001800000000000000a")
     rsp = bytes.fromhex("80010000001b00000000" + "01" + "00000001" + "00000002" + "80ffffff80fffffe")
-    assert t.got(rsp, False) == \
-        "27 tag=8001 size=27 rc=0x0 more=1 cap=1 count=2 handles=80ffffff,80fffffe"
+    assert t.got(rsp, False) == "27 tag=8001 size=27 rc=0x0 more=1 cap=1 count=2 handles=80ffffff,80fffffe"
     t = _track("800100000016" + "0000017a" + "00000006000002030000000001")
     rsp = bytes.fromhex("80010000001b00000000" + "00" + "00000006" + "00000001" + "0000020300000001")
     assert t.got(rsp, False).endswith("cap=6 count=1 body=0000020300000001")
@@ -295,8 +300,14 @@ def test_runner_reports_unmet_expectations_per_kernel() -> None:
 
 def _tr(*results: str, ops: tuple[str, ...] = ()) -> Transcript:
     ops = ops or tuple(f"op{i}" for i in range(len(results)))
-    return {"steps": [{"line": i + 1, "op": o, "result": r, "expected": None, "expect_ok": None}
-                      for i, (o, r) in enumerate(zip(ops, results, strict=True))], "error": None, "seconds": 0}
+    return {
+        "steps": [
+            {"line": i + 1, "op": o, "result": r, "expected": None, "expect_ok": None}
+            for i, (o, r) in enumerate(zip(ops, results, strict=True))
+        ],
+        "error": None,
+        "seconds": 0,
+    }
 
 
 def test_diff_transcripts() -> None:
@@ -354,7 +365,7 @@ def test_corpus_parses_and_is_documented() -> None:
 
 
 # Real `strace -f -xx -s 65536` output of tpm2_getrandom (shortened), plus another file.
-STRACE = r'''
+STRACE = r"""
 178   openat(AT_FDCWD, "\x2f\x65\x74\x63\x2f\x6c\x64", O_RDONLY|O_CLOEXEC) = 3
 178   read(3, "\x7f\x45\x4c\x46", 832) = 4
 178   close(3)                          = 0
@@ -369,7 +380,7 @@ STRACE = r'''
 179   openat(AT_FDCWD, "/dev/tpmrm0", O_WRONLY) = 5
 178   close(3)                          = 0
 179   write(5, "\x80\x01\x00\x00\x00\x0a\x00\x00\x00\x01", 10) = 10
-'''
+"""
 
 
 def test_scenario_from_strace() -> None:
@@ -391,8 +402,7 @@ def test_scenario_from_strace() -> None:
 
 def test_scenario_from_strace_rejects_truncated_strings() -> None:
     with pytest.raises(ValueError, match="-s 65536"):
-        scenario_from_strace('1 openat(AT_FDCWD, "/dev/tpmrm0", O_RDWR) = 3\n'
-                               '1 write(3, "\\x80\\x01"..., 12) = 12\n')
+        scenario_from_strace('1 openat(AT_FDCWD, "/dev/tpmrm0", O_RDWR) = 3\n1 write(3, "\\x80\\x01"..., 12) = 12\n')
 
 
 # --- command line --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Two layers:
   (Debian 6.1 and 6.12, /dev/cuse present) against ``cuse_echo_server.py``,
   so every claim about what a client sees is checked with real syscalls.
 """
+
 from __future__ import annotations
 
 import errno
@@ -107,8 +108,7 @@ def run_channel(body: Body, name: str = "echo0") -> bytes:
             async with trio.open_nursery() as nursery:
                 device = EchoDevice(nursery)
                 server = _Server(ours.fileno(), device, name)
-                await kernel.sock.send(p.build_request(p.Opcode.CUSE_INIT, 1,
-                                                       struct.pack("=IIII", 7, 41, 0, 1)))
+                await kernel.sock.send(p.build_request(p.Opcode.CUSE_INIT, 1, struct.pack("=IIII", 7, 41, 0, 1)))
                 await server.handshake(0, 0)
                 init_reply = await kernel.sock.recv(1 << 16)
                 nursery.start_soon(kernel.receive_loop)
@@ -127,9 +127,7 @@ def test_handshake_names_the_device() -> None:
     data = run_channel(nothing, name="tpmrm7")
     length, error, unique = p.OUT_HEADER.unpack_from(data)
     assert (length, error, unique) == (len(data), 0, 1)
-    major, minor, _, flags, max_read, max_write, dev_major, dev_minor = struct.unpack_from(
-        "=8I", data, 16
-    )
+    major, minor, _, flags, max_read, max_write, dev_major, dev_minor = struct.unpack_from("=8I", data, 16)
     assert (major, minor, flags) == (7, p.SUPPORTED_MINOR, p.CUSE_UNRESTRICTED_IOCTL)
     assert (dev_major, dev_minor) == (0, 0)
     assert data.endswith(b"DEVNAME=tpmrm7\0")
@@ -207,14 +205,12 @@ def test_interrupt_cancels_the_request_with_eintr() -> None:
         blocked = await k.send(p.Opcode.READ, k.read_body(fh))
         await trio.sleep(0.05)
         assert blocked in s.inflight
-        await k.sock.send(p.build_request(p.Opcode.INTERRUPT, blocked | p.FUSE_INT_REQ_BIT,
-                                          struct.pack("=Q", blocked)))
+        await k.sock.send(p.build_request(p.Opcode.INTERRUPT, blocked | p.FUSE_INT_REQ_BIT, struct.pack("=Q", blocked)))
         assert await k.result(blocked) == (-errno.EINTR, b"")
         assert d.cancelled_reads == 1
         assert s.inflight == {}
         # An interrupt for a request already answered is ignored (and not answered).
-        await k.sock.send(p.build_request(p.Opcode.INTERRUPT, blocked | p.FUSE_INT_REQ_BIT,
-                                          struct.pack("=Q", blocked)))
+        await k.sock.send(p.build_request(p.Opcode.INTERRUPT, blocked | p.FUSE_INT_REQ_BIT, struct.pack("=Q", blocked)))
         # The file is intact.
         assert (await k.write(fh, b"again"))[0] == 0
         assert await k.call(p.Opcode.READ, k.read_body(fh)) == (0, b"again")

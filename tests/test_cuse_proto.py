@@ -4,6 +4,7 @@
 Requests are built by hand with struct (not with cuse_proto's own builders) so a
 wrong layout in the module cannot hide behind the same wrong layout here.
 """
+
 from __future__ import annotations
 
 import errno
@@ -136,9 +137,7 @@ def test_parse_rejects_truncated_and_mislabelled_buffers() -> None:
 
 
 def test_reply_cuse_init_layout_and_devname() -> None:
-    data = p.reply_cuse_init(
-        2, "tpmrm0", kernel_minor=41, kernel_flags=1, dev_major=10, dev_minor=224
-    )
+    data = p.reply_cuse_init(2, "tpmrm0", kernel_minor=41, kernel_flags=1, dev_major=10, dev_minor=224)
     info = b"DEVNAME=tpmrm0\0"
     assert out_header(data) == (16 + 72 + len(info), 0, 2)
     fields = struct.unpack_from("=8I", data, 16)

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The fake TPM of the bytes-only tier (cusetpm.testing.fake_tpm), checked on its own."""
+
 from __future__ import annotations
 
 import struct

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The FUSE front end's own rules (the node's behaviour is tested through it elsewhere)."""
+
 import errno
 
 import pyfuse3
@@ -39,6 +40,7 @@ def test_open_passes_who_opened_to_the_node(tmp_path):
             async with trio.open_nursery() as nursery:
                 await nursery.start(chip.serve)
                 await nursery.start(serve_fuse, node, str(tmp_path / "mnt"))
+
                 def open_it() -> tuple[int, int]:
                     return os.open(str(tmp_path / "mnt" / "tpmrm0"), os.O_RDWR), threading.get_native_id()
 

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The tree's habits are checked, so they stay true: mypy for the type hints, ruff for lint and
 format (both configured in pyproject.toml)."""
+
 import subprocess
 import sys
 from pathlib import Path

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The trio adapter for files (cusetpm.daemon.node): locks, the async (O_NONBLOCK) path, poll
 wake-ups, the timer, close."""
+
 from __future__ import annotations
 
 import errno

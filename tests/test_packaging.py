@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """A non-editable install (what `pip install .` gives a user) runs the harness and finds its
 corpus: the scenarios are package data, not files next to a checkout."""
+
 from __future__ import annotations
 
 import os

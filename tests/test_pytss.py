@@ -5,6 +5,7 @@ One ESAPI context = one open file of the node = one space.  Objects and sessions
 the space for as long as the context is open; between commands the resource manager keeps
 them only as saved contexts, and it flushes them when the file is closed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -123,9 +124,7 @@ def test_hmac_session_authorizes_commands(daemon: StartDaemon) -> None:
         primary, *_ = ectx.create_primary(None, "rsa2048")
         # A salted HMAC session with parameter encryption both ways.
         session = ectx.start_auth_session(primary, ESYS_TR.NONE, TPM2_SE.HMAC, aes128cfb(), TPM2_ALG.SHA256)
-        ectx.trsess_set_attributes(
-            session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT | TPMA_SESSION.ENCRYPT
-        )
+        ectx.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.DECRYPT | TPMA_SESSION.ENCRYPT)
         # Encrypted responses, decrypted by ESAPI with the session key.
         one = bytes(ectx.get_random(32, session1=session))
         two = bytes(ectx.get_random(32, session1=session))

@@ -46,8 +46,7 @@ echo to-stderr >&2
 exit 7
 """
     t0 = time.monotonic()
-    res = rig.run_in_guest(version, script, env={"RIG_TEST_VAR": SPECIAL}, share=str(share),
-                           timeout=300)
+    res = rig.run_in_guest(version, script, env={"RIG_TEST_VAR": SPECIAL}, share=str(share), timeout=300)
     print(f"\nrig boot {version}: guest {res.seconds:.1f}s, call {time.monotonic() - t0:.1f}s")
     fields = dict(re.findall(r"^([A-Z0-9]+)=(.*)$", res.output, re.M))
     return version, kernel, res, fields, share

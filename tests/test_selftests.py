@@ -22,6 +22,7 @@ kernel's /dev/tpm0 and /dev/tpmrm0 share their whole write/read/poll path
 own objects and sessions and asserts nothing about physical handles, so it checks that
 shared path unchanged.
 """
+
 from __future__ import annotations
 
 import ast
@@ -138,7 +139,9 @@ def test_kernel_selftest(daemon: StartDaemon, selftests: Path, tmp_path: Path, c
     assert expected, f"no tests in tpm2_tests.{cls}"
     result = run_selftest(d.node, selftests, cls, tmp_path / "selftest")
     output = result.stdout + result.stderr
-    shown = f"unittest -v tpm2_tests.{cls} (kernel {kernel}) exited {result.returncode}:\n{output}\ndaemon log:\n{d.log()}"
+    shown = (
+        f"unittest -v tpm2_tests.{cls} (kernel {kernel}) exited {result.returncode}:\n{output}\ndaemon log:\n{d.log()}"
+    )
     assert result.returncode == 0, shown
     ran = re.search(r"^Ran (\d+) tests? in ", output, re.M)
     assert ran and int(ran.group(1)) == len(expected), shown

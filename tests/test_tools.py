@@ -6,6 +6,7 @@ Every tool run is a new process and so a new open() of the node: a new, empty sp
 ContextLoad), and sessions only because a session the user saved is forgotten by the resource
 manager (not flushed when the file is closed).  Each test gets a fresh daemon and swtpm.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,12 +50,26 @@ def _handles(text: bytes) -> list[int]:
 
 
 def _primary(node: Path, cwd: Path) -> bytes:
-    return tpm2(node, "tpm2_createprimary", "-C", "o", "-g", "sha256", "-G", "rsa2048", "-c", "primary.ctx", cwd=cwd).stdout
+    return tpm2(
+        node, "tpm2_createprimary", "-C", "o", "-g", "sha256", "-G", "rsa2048", "-c", "primary.ctx", cwd=cwd
+    ).stdout
 
 
 def _signing_key(node: Path, cwd: Path) -> None:
     _primary(node, cwd)
-    tpm2(node, "tpm2_create", "-C", "primary.ctx", "-G", "rsa2048:rsassa-sha256", "-u", "key.pub", "-r", "key.priv", cwd=cwd)
+    tpm2(
+        node,
+        "tpm2_create",
+        "-C",
+        "primary.ctx",
+        "-G",
+        "rsa2048:rsassa-sha256",
+        "-u",
+        "key.pub",
+        "-r",
+        "key.priv",
+        cwd=cwd,
+    )
     tpm2(node, "tpm2_load", "-C", "primary.ctx", "-u", "key.pub", "-r", "key.priv", "-c", "key.ctx", cwd=cwd)
 
 
@@ -65,7 +80,9 @@ def test_createprimary(daemon: StartDaemon, tmp_path: Path) -> None:
     assert _yaml_type(out) == "rsa"
     # A primary key is derived from the owner seed: the same template gives the same key,
     # in any later open of the node.
-    again = tpm2(d.node, "tpm2_createprimary", "-C", "o", "-g", "sha256", "-G", "rsa2048", "-c", "again.ctx", cwd=tmp_path)
+    again = tpm2(
+        d.node, "tpm2_createprimary", "-C", "o", "-g", "sha256", "-G", "rsa2048", "-c", "again.ctx", cwd=tmp_path
+    )
     assert _yaml_value(again.stdout, "rsa") == _yaml_value(out, "rsa")
     # Each saved context loads in a new run; both name the same key.
     assert _name(d.node, "primary.ctx", tmp_path) == _name(d.node, "again.ctx", tmp_path)
@@ -76,19 +93,46 @@ def test_createprimary(daemon: StartDaemon, tmp_path: Path) -> None:
 
 def test_create(node: Path, tmp_path: Path) -> None:
     _primary(node, tmp_path)
-    out = tpm2(node, "tpm2_create", "-C", "primary.ctx", "-G", "ecc256:ecdsa-sha256", "-u", "key.pub", "-r", "key.priv", cwd=tmp_path).stdout
+    out = tpm2(
+        node,
+        "tpm2_create",
+        "-C",
+        "primary.ctx",
+        "-G",
+        "ecc256:ecdsa-sha256",
+        "-u",
+        "key.pub",
+        "-r",
+        "key.priv",
+        cwd=tmp_path,
+    ).stdout
     assert _yaml_type(out) == "ecc"
     assert (tmp_path / "key.pub").stat().st_size > 0 and (tmp_path / "key.priv").stat().st_size > 0
     # The private blob is the TPM's, bound to this parent: a different parent cannot load it.
     tpm2(node, "tpm2_createprimary", "-C", "o", "-G", "ecc256", "-c", "other.ctx", cwd=tmp_path)
-    wrong = tpm2(node, "tpm2_load", "-C", "other.ctx", "-u", "key.pub", "-r", "key.priv", "-c", "x.ctx", cwd=tmp_path, check=False)
+    wrong = tpm2(
+        node,
+        "tpm2_load",
+        "-C",
+        "other.ctx",
+        "-u",
+        "key.pub",
+        "-r",
+        "key.priv",
+        "-c",
+        "x.ctx",
+        cwd=tmp_path,
+        check=False,
+    )
     assert wrong.returncode != 0
 
 
 def test_load(node: Path, tmp_path: Path) -> None:
     _primary(node, tmp_path)
     tpm2(node, "tpm2_create", "-C", "primary.ctx", "-G", "rsa2048", "-u", "key.pub", "-r", "key.priv", cwd=tmp_path)
-    out = tpm2(node, "tpm2_load", "-C", "primary.ctx", "-u", "key.pub", "-r", "key.priv", "-c", "key.ctx", cwd=tmp_path).stdout
+    out = tpm2(
+        node, "tpm2_load", "-C", "primary.ctx", "-u", "key.pub", "-r", "key.priv", "-c", "key.ctx", cwd=tmp_path
+    ).stdout
     name = _yaml_value(out, "name")
     assert (tmp_path / "key.ctx").stat().st_size > 0
     assert _name(node, "key.ctx", tmp_path) == name
@@ -120,10 +164,37 @@ def test_verifysignature(node: Path, tmp_path: Path) -> None:
     _signing_key(node, tmp_path)
     (tmp_path / "msg").write_bytes(b"verify me\n")
     tpm2(node, "tpm2_sign", "-c", "key.ctx", "-g", "sha256", "-o", "sig", "msg", cwd=tmp_path)
-    tpm2(node, "tpm2_verifysignature", "-c", "key.ctx", "-g", "sha256", "-m", "msg", "-s", "sig", "-t", "ticket", cwd=tmp_path)
+    tpm2(
+        node,
+        "tpm2_verifysignature",
+        "-c",
+        "key.ctx",
+        "-g",
+        "sha256",
+        "-m",
+        "msg",
+        "-s",
+        "sig",
+        "-t",
+        "ticket",
+        cwd=tmp_path,
+    )
     assert (tmp_path / "ticket").stat().st_size > 0
     (tmp_path / "msg").write_bytes(b"verify me, changed\n")
-    bad = tpm2(node, "tpm2_verifysignature", "-c", "key.ctx", "-g", "sha256", "-m", "msg", "-s", "sig", cwd=tmp_path, check=False)
+    bad = tpm2(
+        node,
+        "tpm2_verifysignature",
+        "-c",
+        "key.ctx",
+        "-g",
+        "sha256",
+        "-m",
+        "msg",
+        "-s",
+        "sig",
+        cwd=tmp_path,
+        check=False,
+    )
     assert bad.returncode != 0
     assert b"0x2DB" in bad.stderr or b"signature is not valid" in bad.stderr, bad.stderr.decode()
 
@@ -266,4 +337,4 @@ def test_session_saved_by_one_run_is_used_by_the_next(daemon: StartDaemon, tmp_p
 
 def _pcr_selection_sha256_0() -> bytes:
     """TPML_PCR_SELECTION {count 1, {SHA256, sizeofSelect 3, PCR 0}}, marshalled."""
-    return bytes.fromhex("00000001" "000b" "03" "010000")
+    return bytes.fromhex("00000001000b03010000")

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """tpm2-cmd.c: chip start-up, the command attribute table, find_cc, rc_value."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """tpm2-space.c rules, on the sans-I/O core, against a real swtpm (faults injected on purpose)."""
+
 from __future__ import annotations
 
 import errno

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """tpm-dev-common.c file semantics on FileState + tpm_dev_transmit, against a real swtpm."""
+
 from __future__ import annotations
 
 import errno

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """tpm-interface.c: one transmission, the retry loop, durations."""
+
 from __future__ import annotations
 
 import errno

@@ -46,6 +46,7 @@ printed as expected, never silently dropped, and never apply to ``--node cuse``.
 delivers RELEASE after close(2) has returned, so on FUSE the runner waits after each close
 until the daemon has answered it (:func:`.sides.fuse_close_waiter`; the kernel's close is synchronous).
 """
+
 from __future__ import annotations
 
 from ..kernel.profiles import PROFILES

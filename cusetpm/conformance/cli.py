@@ -5,6 +5,7 @@ Importing this module costs only argparse: ``cusetpm serve`` builds its parser w
 :func:`add_conformance_parser`, so the harness itself is imported inside the functions that
 run it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,12 @@ def _add_conformance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this scenario (repeatable)")
     p.add_argument("--timeout", type=float, default=1500.0, help="limit for one guest run (seconds)")
     p.add_argument("--json", metavar="FILE", help="also write the raw transcripts to FILE")
-    p.add_argument("files", nargs="*", metavar="SCENARIO_FILE",
-                   help="scenario files or directories (default: the shipped corpus, cusetpm/conformance/corpus/)")
+    p.add_argument(
+        "files",
+        nargs="*",
+        metavar="SCENARIO_FILE",
+        help="scenario files or directories (default: the shipped corpus, cusetpm/conformance/corpus/)",
+    )
 
 
 def add_conformance_parser(subparsers: Any) -> None:
@@ -37,7 +42,7 @@ def add_conformance_parser(subparsers: Any) -> None:
         "conformance",
         help="compare cusetpm with the real kernel /dev/tpmrm0 on scenario files (boots qemu guests)",
         description="Run each scenario against the real kernel resource manager and against cusetpm "
-                    "(each on a fresh TPM, inside a qemu guest per kernel) and print every difference.",
+        "(each on a fresh TPM, inside a qemu guest per kernel) and print every difference.",
     )
     _add_conformance_args(p)
     p.set_defaults(func=run_conformance)
@@ -103,8 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("run", help="run scenarios against an existing node and print the transcripts")
     r.add_argument("--node", required=True, help="the device or file to open, e.g. /dev/tpmrm0")
     r.add_argument("--kernel", choices=KERNELS, help="check =>6.1 / =>6.12 expectations for this kernel")
-    r.add_argument("--close-settle", type=float, default=0.0,
-                   help="pause after each close (default: none; on a FUSE file, wait for the RELEASE)")
+    r.add_argument(
+        "--close-settle",
+        type=float,
+        default=0.0,
+        help="pause after each close (default: none; on a FUSE file, wait for the RELEASE)",
+    )
     r.add_argument("--out", help="write the transcripts as JSON")
     r.add_argument("--only", action="append", default=[])
     r.add_argument("files", nargs="*")
@@ -128,8 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for sc in load_scenarios(args.files):
                 if args.only and sc.name not in args.only:
                     continue
-                tr = run_scenario(sc, args.node, kernel=args.kernel, close_settle=args.close_settle,
-                                  after_close=None if args.close_settle else _auto_close_waiter(args.node))
+                tr = run_scenario(
+                    sc,
+                    args.node,
+                    kernel=args.kernel,
+                    close_settle=args.close_settle,
+                    after_close=None if args.close_settle else _auto_close_waiter(args.node),
+                )
                 results[sc.name] = tr
                 bad += any(s["expect_ok"] is False for s in tr["steps"]) or bool(tr["error"])
                 _print_transcript(sc.name, tr)
@@ -147,5 +161,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ParseError, ValueError, OSError) as exc:
         print(f"conformance: {exc}", file=sys.stderr)
         return 2
-
-

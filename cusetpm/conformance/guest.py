@@ -4,6 +4,7 @@
 ``python -m cusetpm.conformance guest`` runs :func:`guest_run` inside a rig guest; the host
 side (:func:`cusetpm.conformance.report.compare`) reads the JSON it writes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,15 @@ def _with_watchdog(timeout: float, on_timeout: Callable[[], None], fn: Callable[
     return result
 
 
-def guest_run(kernel: str, node_kind: str, files: Sequence[str], out: str, *,
-              only: Sequence[str] = (), timeout: float = SCENARIO_TIMEOUT) -> int:
+def guest_run(
+    kernel: str,
+    node_kind: str,
+    files: Sequence[str],
+    out: str,
+    *,
+    only: Sequence[str] = (),
+    timeout: float = SCENARIO_TIMEOUT,
+) -> int:
     """The in-guest driver: each scenario on a fresh kernel chip and a fresh daemon.
 
     Writes ``{"kernel", "release", "node", "kernel_side": {name: transcript},
@@ -67,8 +75,12 @@ def guest_run(kernel: str, node_kind: str, files: Sequence[str], out: str, *,
     if node_kind == "fuse":
         mount_fusectl()
     result: GuestRun = {
-        "kernel": kernel, "release": os.uname().release, "node": node_kind,
-        "kernel_side": {}, "ours": {}, "order": [s.name for s in scenarios],
+        "kernel": kernel,
+        "release": os.uname().release,
+        "node": node_kind,
+        "kernel_side": {},
+        "ours": {},
+        "order": [s.name for s in scenarios],
     }
 
     def new_chip(i: int) -> KernelChip | SideError:
@@ -144,7 +156,8 @@ def guest_run(kernel: str, node_kind: str, files: Sequence[str], out: str, *,
                         finally:
                             retries["chips"] += chip.attempts - 1
                     result["kernel_side"][sc.name] = _with_watchdog(
-                        timeout, chip.kill, functools.partial(run_scenario, sc, node, kernel=kernel))
+                        timeout, chip.kill, functools.partial(run_scenario, sc, node, kernel=kernel)
+                    )
                 except SideError as exc:
                     result["kernel_side"][sc.name] = failed_transcript(str(exc))
                 finally:
@@ -158,8 +171,9 @@ def guest_run(kernel: str, node_kind: str, files: Sequence[str], out: str, *,
                     finally:
                         retries["daemons"] += d.attempts - 1
                 waiter = d.close_waiter()
-                t = _with_watchdog(timeout, d.kill,
-                                   functools.partial(run_scenario, sc, node, kernel=kernel, after_close=waiter))
+                t = _with_watchdog(
+                    timeout, d.kill, functools.partial(run_scenario, sc, node, kernel=kernel, after_close=waiter)
+                )
             except SideError as exc:
                 t = failed_transcript(str(exc))
             result["ours"][sc.name] = t

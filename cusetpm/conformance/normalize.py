@@ -6,6 +6,7 @@ TPM randomness (:class:`_FileTrack`, :func:`response_fields`); see :mod:`.scenar
 rules.  The transcripts cross a JSON boundary (written in the guest, read on the host), so
 their shape is typed here: :class:`StepResult`, :class:`Transcript` and :class:`GuestRun`.
 """
+
 from __future__ import annotations
 
 import select

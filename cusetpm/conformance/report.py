@@ -5,6 +5,7 @@
 result, with the reason; :func:`compare` runs a guest, :func:`diff_transcripts` compares one
 scenario's transcripts step by step.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,21 +51,31 @@ class ExpectedDifference:
 
 
 _FUSE_WRITE0 = "FUSE answers write(fd, buf, 0) with 0 itself; the driver is never called (kernel: EINVAL)"
-_FUSE_READ0 = ("FUSE answers read(fd, buf, 0) with 0 itself; 6.1's driver would discard the pending "
-               "response (or report and clear a pending async errno)")
-_FUSE_SETFL = ("FUSE does not pass O_NONBLOCK set by fcntl(F_SETFL) after open to the daemon, so "
-               "the write runs synchronously: errors come from write(2) instead of read(2)")
+_FUSE_READ0 = (
+    "FUSE answers read(fd, buf, 0) with 0 itself; 6.1's driver would discard the pending "
+    "response (or report and clear a pending async errno)"
+)
+_FUSE_SETFL = (
+    "FUSE does not pass O_NONBLOCK set by fcntl(F_SETFL) after open to the daemon, so "
+    "the write runs synchronously: errors come from write(2) instead of read(2)"
+)
 
-_FUSE_EFAULT = ("FUSE direct I/O pins the user buffer before it sends the request: with an unreadable/"
-                "unwritable buffer read(2)/write(2) fail with EFAULT in the FUSE layer and the daemon never "
-                "sees the call (kernel: the response is discarded / the buffer zero-filled, so a later short "
-                "write inherits command code 0 instead of the old one).  CUSE uses the same fuse_direct_io()")
-_CUSE_SEEK = ("cuse.c gives every CUSE file noop_llseek and never applies FOPEN_NONSEEKABLE, so lseek "
-              "returns 0 and pread/pwrite act as read/write (kernel: ESPIPE); the FUSE file does give ESPIPE")
-_SHORT_FRAME = ("a command whose header size is 1..9 cannot be delimited on a stream: the kernel's "
-                "vtpm-proxy swtpm never answers it (ETIME after the command's duration) and keeps the "
-                "bytes, corrupting the next command; cusetpm's stream backends answer TPM_RC_COMMAND_SIZE "
-                "at once (backends/base.py: unframeable).  The TPM's transport decides this, not the RM")
+_FUSE_EFAULT = (
+    "FUSE direct I/O pins the user buffer before it sends the request: with an unreadable/"
+    "unwritable buffer read(2)/write(2) fail with EFAULT in the FUSE layer and the daemon never "
+    "sees the call (kernel: the response is discarded / the buffer zero-filled, so a later short "
+    "write inherits command code 0 instead of the old one).  CUSE uses the same fuse_direct_io()"
+)
+_CUSE_SEEK = (
+    "cuse.c gives every CUSE file noop_llseek and never applies FOPEN_NONSEEKABLE, so lseek "
+    "returns 0 and pread/pwrite act as read/write (kernel: ESPIPE); the FUSE file does give ESPIPE"
+)
+_SHORT_FRAME = (
+    "a command whose header size is 1..9 cannot be delimited on a stream: the kernel's "
+    "vtpm-proxy swtpm never answers it (ETIME after the command's duration) and keeps the "
+    "bytes, corrupting the next command; cusetpm's stream backends answer TPM_RC_COMMAND_SIZE "
+    "at once (backends/base.py: unframeable).  The TPM's transport decides this, not the RM"
+)
 BOTH = ("fuse", "cuse")
 E = ExpectedDifference
 
@@ -72,14 +83,27 @@ E = ExpectedDifference
 EXPECTED_DIFFERENCES: tuple[ExpectedDifference, ...] = (
     E("read-efault", "poll a", "OUT|WRNORM", "IN|RDNORM", _FUSE_EFAULT, nodes=BOTH),
     E("read-efault", "read a 4096", "0", "20 tag=8001 size=20 rc=0x0", _FUSE_EFAULT, nodes=BOTH),
-    E("write-efault", "read a 4096", "10 tag=8001 size=10 rc=0xb0143", "10 tag=8001 size=10 rc=0x142",
-      _FUSE_EFAULT, nodes=BOTH),
+    E(
+        "write-efault",
+        "read a 4096",
+        "10 tag=8001 size=10 rc=0xb0143",
+        "10 tag=8001 size=10 rc=0x142",
+        _FUSE_EFAULT,
+        nodes=BOTH,
+    ),
     E("write-einval-sizes", "write a", "EINVAL", "0", _FUSE_WRITE0, nodes=BOTH),
     E("read-zero-size", "read a 4096", "0", "20 tag=8001 size=20 rc=0x0", _FUSE_READ0, ("6.1",), BOTH),
     E("read-zero-size", "poll a", "OUT|WRNORM", "IN|RDNORM", _FUSE_READ0, ("6.1",), BOTH),
     E("read-zero-unlocks-write", "cmd a 17b 0010", "12", "EBUSY", _FUSE_READ0, ("6.1",), BOTH),
-    E("read-zero-unlocks-write", "read a 4096", "28 tag=8001 size=28 rc=0x0", "20 tag=8001 size=20 rc=0x0",
-      _FUSE_READ0, ("6.1",), BOTH),
+    E(
+        "read-zero-unlocks-write",
+        "read a 4096",
+        "28 tag=8001 size=28 rc=0x0",
+        "20 tag=8001 size=20 rc=0x0",
+        _FUSE_READ0,
+        ("6.1",),
+        BOTH,
+    ),
     E("read-zero-async-error", "read a 0", "EINVAL", "0", _FUSE_READ0, ("6.1",), BOTH),
     E("read-zero-async-error", "read a 4096", "0", "EINVAL", _FUSE_READ0, ("6.1",), BOTH),
     E("setfl-nonblock-switch", "cmd a 173 80ffffff", "14", "EINVAL", _FUSE_SETFL),
@@ -179,8 +203,14 @@ class Comparison:
 
 def _match_expected(kernel: str, node: str, scenario: str, op: str, k: str, o: str) -> ExpectedDifference | None:
     for e in EXPECTED_DIFFERENCES:
-        if (node in e.nodes and kernel in e.kernels and e.scenario == scenario and e.op == op
-                and e.kernel_result == k and e.our_result == o):
+        if (
+            node in e.nodes
+            and kernel in e.kernels
+            and e.scenario == scenario
+            and e.op == op
+            and e.kernel_result == k
+            and e.our_result == o
+        ):
             return e
     return None
 
@@ -207,13 +237,20 @@ def diff_transcripts(kernel: str, node: str, name: str, ktr: Transcript, otr: Tr
     failures = []
     for i, k in enumerate(ks):
         if k.get("expect_ok") is False:
-            failures.append(f"step {i + 1} (line {k['line']}) `{k['op']}`: "
-                            f"expected {k['expected']!r}, got {k['result']!r}")
+            failures.append(
+                f"step {i + 1} (line {k['line']}) `{k['op']}`: expected {k['expected']!r}, got {k['result']!r}"
+            )
     return ScenarioOutcome(kernel, name, diffs, errors, failures)
 
 
-def compare(kernel: str, scenario_files: Sequence[str | os.PathLike[str]] = (), *, node: str = "fuse",
-            only: Sequence[str] = (), timeout: float = 1500.0) -> Comparison:
+def compare(
+    kernel: str,
+    scenario_files: Sequence[str | os.PathLike[str]] = (),
+    *,
+    node: str = "fuse",
+    only: Sequence[str] = (),
+    timeout: float = 1500.0,
+) -> Comparison:
     """Boot one guest running ``kernel`` and compare every scenario (fresh TPMs each side).
 
     ``scenario_files``: files or directories (default: the shipped corpus); ``node``: which
@@ -233,8 +270,20 @@ def compare(kernel: str, scenario_files: Sequence[str | os.PathLike[str]] = (), 
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cusetpm-conformance-") as share:
         out = os.path.join(share, "result.json")
-        argv = [sys.executable, "-m", "cusetpm.conformance", "guest", "--kernel", kernel, "--node", node,
-                "--out", out, *(a for n in only for a in ("--only", n)), *files]
+        argv = [
+            sys.executable,
+            "-m",
+            "cusetpm.conformance",
+            "guest",
+            "--kernel",
+            kernel,
+            "--node",
+            node,
+            "--out",
+            out,
+            *(a for n in only for a in ("--only", n)),
+            *files,
+        ]
         repo = str(Path(__file__).resolve().parents[2])  # the directory holding the cusetpm package
         command = f"cd {shlex.quote(repo)} && " + " ".join(shlex.quote(a) for a in argv)
         res = rig.run_in_guest(kernel, command, timeout=timeout, share=share)

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Run one scenario against one node with real system calls: :func:`run_scenario`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,9 @@ def _errname(exc: OSError) -> str:
 
 
 class _Runner:
-    def __init__(self, scenario: Scenario, node: str, kernel: str | None,
-                 after_close: Callable[[], None] | None) -> None:
+    def __init__(
+        self, scenario: Scenario, node: str, kernel: str | None, after_close: Callable[[], None] | None
+    ) -> None:
         self.sc = scenario
         self.node = node
         self.kernel = kernel
@@ -169,7 +171,11 @@ class _HarnessError(Exception):
 
 
 def run_scenario(
-    scenario: Scenario, node: str, *, kernel: str | None = None, close_settle: float = 0.0,
+    scenario: Scenario,
+    node: str,
+    *,
+    kernel: str | None = None,
+    close_settle: float = 0.0,
     after_close: Callable[[], None] | None = None,
 ) -> Transcript:
     """Run ``scenario`` against ``node`` with real syscalls; return its transcript.
@@ -199,10 +205,15 @@ def run_scenario(
             if want is not None:
                 got = result.split()
                 ok = all(t in got for t in want)
-            steps.append({
-                "line": step.line, "op": step.text, "result": result,
-                "expected": " ".join(want) if want is not None else None, "expect_ok": ok,
-            })
+            steps.append(
+                {
+                    "line": step.line,
+                    "op": step.text,
+                    "result": result,
+                    "expected": " ".join(want) if want is not None else None,
+                    "expect_ok": ok,
+                }
+            )
     except Exception as exc:  # noqa: BLE001 - reported in the transcript
         error = f"{type(exc).__name__}: {exc}"
     finally:

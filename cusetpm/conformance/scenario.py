@@ -73,6 +73,7 @@ Each step produces one result string, compared verbatim between the kernel and c
   (the blob's length only) for ContextSave.  Random bytes, nonces, keys, names and
   context blobs are never recorded, except with ``read ... raw``.
 """
+
 from __future__ import annotations
 
 import os
@@ -402,4 +403,3 @@ def build_command(args: Sequence[str], variables: dict[str, bytes]) -> bytes:
     cc = int(rest.pop(0), 16)
     body = build_data(rest, variables)
     return tag.to_bytes(2, "big") + (10 + len(body)).to_bytes(4, "big") + cc.to_bytes(4, "big") + body
-

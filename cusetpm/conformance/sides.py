@@ -5,6 +5,7 @@
 --vtpm-proxy``; :class:`ForkedDaemon` is ``cusetpm serve`` with its own fresh swtpm.  On FUSE,
 :func:`fuse_close_waiter` makes close(2) as synchronous as the kernel's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,9 +75,21 @@ class KernelChip(_Side):
         self.out = self.workdir / f"swtpm{self.attempts}.out"
         with open(self.out, "wb") as out:
             self.proc = subprocess.Popen(
-                ["swtpm", "chardev", "--vtpm-proxy", "--tpm2", "--tpmstate", f"dir={state}",
-                 "--flags", "not-need-init", "--log", f"file={state}/swtpm.log,level=1"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                [
+                    "swtpm",
+                    "chardev",
+                    "--vtpm-proxy",
+                    "--tpm2",
+                    "--tpmstate",
+                    f"dir={state}",
+                    "--flags",
+                    "not-need-init",
+                    "--log",
+                    f"file={state}/swtpm.log,level=1",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         self.started = time.monotonic()
 
@@ -227,8 +240,16 @@ class ForkedDaemon(_Side):
             where = ["--cuse", f"cusetpm-conf{os.getpid()}-{self.index}-{self.attempts}"]
         else:
             raise ValueError(f"unknown node kind {self.node_kind!r}")
-        self.argv = ["serve", *where, "--kernel", self.kernel, "--state-dir", str(self.workdir / "state"),
-                     "--ready-fd", str(self.READY_FD)]
+        self.argv = [
+            "serve",
+            *where,
+            "--kernel",
+            self.kernel,
+            "--state-dir",
+            str(self.workdir / "state"),
+            "--ready-fd",
+            str(self.READY_FD),
+        ]
         self.returncode: int | None = None
         self._terminated = False
         self.started = time.monotonic()

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """strace output of a program -> a scenario (``python -m cusetpm.conformance from-strace``)."""
+
 from __future__ import annotations
 
 import re

@@ -14,6 +14,7 @@ here is only I/O and concurrency:
 * FUSE_POLL with FUSE_POLL_SCHEDULE_NOTIFY hands the device a ``wake``
   callback that sends FUSE_NOTIFY_POLL, which makes the kernel re-poll.
 """
+
 from __future__ import annotations
 
 import errno

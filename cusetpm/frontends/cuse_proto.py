@@ -23,6 +23,7 @@ Facts of cuse.c that shape what a client sees, and that no reply can change:
 * Reads and writes always go through fuse_direct_io(), whatever the open flags.
 * A write() longer than ``max_write`` is split into several FUSE_WRITE requests.
 """
+
 from __future__ import annotations
 
 import errno as _errno
@@ -291,9 +292,7 @@ def parse_request(buf: bytes) -> Request:
         fh, offset, size, read_flags, lock_owner, flags, _ = _unpack(READ_IN, body, "fuse_read_in")
         return Read(h, fh, offset, size, read_flags, lock_owner, flags)
     if opcode == Opcode.WRITE:
-        fh, offset, size, write_flags, lock_owner, flags, _ = _unpack(
-            WRITE_IN, body, "fuse_write_in"
-        )
+        fh, offset, size, write_flags, lock_owner, flags, _ = _unpack(WRITE_IN, body, "fuse_write_in")
         data = body[WRITE_IN.size :]
         if len(data) != size:
             raise ProtocolError(f"write says {size} bytes, carries {len(data)}")

@@ -9,6 +9,7 @@ is taken from open() (FUSE does not pass fcntl(F_SETFL) changes to pyfuse3's wri
 and writev() is one write.  ioctl gives ENOTTY as on the kernel's node: pyfuse3 has no ioctl
 handler, so libfuse answers ENOSYS and the kernel turns that into ENOTTY.
 """
+
 from __future__ import annotations
 
 import errno

@@ -53,4 +53,3 @@ def main(argv: list[str] | None = None) -> int:
     except RigError as exc:
         print(exc, file=sys.stderr)
         return 125
-

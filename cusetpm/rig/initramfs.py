@@ -54,9 +54,7 @@ def _is_static_elf(path: Path) -> bool:
         phnum = int.from_bytes(hdr[56:58], "little")
         fh.seek(phoff)
         table = fh.read(phentsize * phnum)
-    return all(
-        int.from_bytes(table[i * phentsize:i * phentsize + 4], "little") != 3 for i in range(phnum)
-    )
+    return all(int.from_bytes(table[i * phentsize : i * phentsize + 4], "little") != 3 for i in range(phnum))
 
 
 class _Cpio:
@@ -150,4 +148,3 @@ def build_initramfs(kernel: KernelFiles) -> bytes:
     init = _INIT.replace("@SENT@", _SENTINEL).replace("@MSIZE@", str(_MSIZE))
     cpio.file("init", init.encode(), 0o755)
     return cpio.finish()
-

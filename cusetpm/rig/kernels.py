@@ -58,7 +58,6 @@ class KernelFiles:
     modules_dir: Path  # .../lib/modules/<release>
 
 
-
 # --------------------------------------------------------------------------
 # kernel cache
 
@@ -98,7 +97,9 @@ def _apt_resolve(meta: str) -> tuple[str, str] | None:
     env = dict(os.environ, LC_ALL="C")
     dep = subprocess.run(
         ["apt-cache", "depends", "--no-recommends", "--no-suggests", meta],
-        text=True, capture_output=True, env=env,
+        text=True,
+        capture_output=True,
+        env=env,
     )
     pkg = None
     for line in dep.stdout.splitlines():
@@ -108,9 +109,7 @@ def _apt_resolve(meta: str) -> tuple[str, str] | None:
             break
     if dep.returncode != 0 or pkg is None:
         return None
-    show = subprocess.run(
-        ["apt-cache", "show", "--no-all-versions", pkg], text=True, capture_output=True, env=env
-    )
+    show = subprocess.run(["apt-cache", "show", "--no-all-versions", pkg], text=True, capture_output=True, env=env)
     m = re.search(r"^Version:\s*(\S+)", show.stdout, re.M)
     if show.returncode != 0 or not m:
         return None
@@ -134,9 +133,7 @@ def _resolve_package(version: str) -> tuple[str, str] | None:
 def _kernel_from_dir(version: str, root: Path) -> KernelFiles:
     """Describe an extracted package directory, validating its contents."""
     stampfile = root / ".cusetpm-rig-stamp"
-    stamp = dict(
-        line.split("=", 1) for line in stampfile.read_text().splitlines() if "=" in line
-    )
+    stamp = dict(line.split("=", 1) for line in stampfile.read_text().splitlines() if "=" in line)
     mods = [p for base in ("lib/modules", "usr/lib/modules") for p in sorted((root / base).glob("*")) if p.is_dir()]
     if len(mods) != 1:
         raise RigError(f"rig: expected one modules dir in {root}, found {mods}")
@@ -239,15 +236,12 @@ def _download_and_extract(version: str, pkg: str, pkgver: str, dest: Path) -> No
             # Debian generates modules.dep in postinst, so the .deb lacks it.
             depmod_base = kernel.modules_dir.parents[2]  # dir holding lib/modules
             _run([_which("depmod"), "-b", str(depmod_base), kernel.release])
-        (root / ".cusetpm-rig-stamp").write_text(
-            f"series={version}\npackage={pkg}\npackage_version={pkgver}\n"
-        )
+        (root / ".cusetpm-rig-stamp").write_text(f"series={version}\npackage={pkg}\npackage_version={pkgver}\n")
         if dest.exists():
             shutil.rmtree(dest)
         root.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
 
 
 def _modname(path: str) -> str:
@@ -281,8 +275,10 @@ def module_load_order(kernel: KernelFiles, wanted: Iterable[str] = GUEST_MODULES
         if name not in deps:
             if name in builtin:
                 return
-            raise RigError(f"rig: module {name} (needed by {' <- '.join(chain) or 'rig'}) "
-                           f"is neither in modules.dep nor built into {kernel.release}")
+            raise RigError(
+                f"rig: module {name} (needed by {' <- '.join(chain) or 'rig'}) "
+                f"is neither in modules.dep nor built into {kernel.release}"
+            )
         seen.add(name)
         path, needs = deps[name]
         for dep in needs:
@@ -292,4 +288,3 @@ def module_load_order(kernel: KernelFiles, wanted: Iterable[str] = GUEST_MODULES
     for name in wanted:
         visit(name.replace("-", "_"), ())
     return order
-

@@ -29,4 +29,3 @@ def guest_swtpm_prelude(state_dir: str = "/run/cusetpm-swtpm", wait_seconds: int
         f"[ -c /dev/tpmrm0 ] || {{ echo 'rig: /dev/tpmrm0 did not appear' >&2; "
         f"cat {log} >&2; dmesg | grep -i tpm >&2; false; }}; }}"
     )
-

@@ -59,35 +59,53 @@ def _tail(text: str, n: int = _CONSOLE_TAIL) -> str:
     return text if len(text) <= n else "..." + text[-n:]
 
 
-def _qemu_argv(kernel: KernelFiles, initrd: Path, ctl: Path, share: str | None,
-               console: str, append_extra: str = "") -> list[str]:
+def _qemu_argv(
+    kernel: KernelFiles, initrd: Path, ctl: Path, share: str | None, console: str, append_extra: str = ""
+) -> list[str]:
     cmdline = (
         "console=ttyS0 loglevel=7 panic=-1 rdinit=/init random.trust_cpu=on "
         "mitigations=off tsc=reliable no_timer_check " + append_extra
     ).strip()
     argv = [
         _which(_QEMU),
-        "-accel", "tcg",
-        "-machine", "pc",
-        "-cpu", "max",
-        "-smp", str(_SMP),
-        "-m", str(_MEMORY_MB),
-        "-nodefaults", "-no-user-config",
-        "-display", "none",
+        "-accel",
+        "tcg",
+        "-machine",
+        "pc",
+        "-cpu",
+        "max",
+        "-smp",
+        str(_SMP),
+        "-m",
+        str(_MEMORY_MB),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
         "-no-reboot",
-        "-kernel", str(kernel.vmlinuz),
-        "-initrd", str(initrd),
-        "-append", cmdline,
-        "-serial", console,
-        "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-        "-fsdev", f"local,id=rigctl,path={ctl},security_model=none",
-        "-device", "virtio-9p-pci,fsdev=rigctl,mount_tag=rigctl",
+        "-kernel",
+        str(kernel.vmlinuz),
+        "-initrd",
+        str(initrd),
+        "-append",
+        cmdline,
+        "-serial",
+        console,
+        "-fsdev",
+        "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device",
+        "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+        "-fsdev",
+        f"local,id=rigctl,path={ctl},security_model=none",
+        "-device",
+        "virtio-9p-pci,fsdev=rigctl,mount_tag=rigctl",
     ]
     if share is not None:
         argv += [
-            "-fsdev", f"local,id=rigshare,path={share},security_model=none,multidevs=remap",
-            "-device", "virtio-9p-pci,fsdev=rigshare,mount_tag=rigshare",
+            "-fsdev",
+            f"local,id=rigshare,path={share},security_model=none,multidevs=remap",
+            "-device",
+            "virtio-9p-pci,fsdev=rigshare,mount_tag=rigshare",
         ]
     return argv
 
@@ -110,8 +128,9 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _prepare(tmp: Path, kernel: KernelFiles, command: str, env: dict[str, str] | None,
-             share: str | None, interactive: bool) -> tuple[Path, Path, str]:
+def _prepare(
+    tmp: Path, kernel: KernelFiles, command: str, env: dict[str, str] | None, share: str | None, interactive: bool
+) -> tuple[Path, Path, str]:
     """Write the initramfs and the rigctl share contents; returns (initrd, ctl, nonce)."""
     ctl = tmp / "ctl"
     ctl.mkdir()
@@ -154,8 +173,9 @@ def _reap_stale_tempdirs() -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def run_in_guest(version: str, command: str, *, timeout: float = 600,
-                 env: dict[str, str] | None = None, share: str | None = None) -> GuestResult:
+def run_in_guest(
+    version: str, command: str, *, timeout: float = 600, env: dict[str, str] | None = None, share: str | None = None
+) -> GuestResult:
     """Boot kernel `version`, run `command` as root in the chrooted host root.
 
     cwd is the host's cwd if it exists in the guest, else /; `env` is exported
@@ -176,8 +196,14 @@ def run_in_guest(version: str, command: str, *, timeout: float = 600,
         argv = _qemu_argv(kernel, initrd, ctl, share, f"file:{console_path}")
         start = time.monotonic()
         with open(qemu_err, "w") as errfh:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=errfh, stderr=errfh,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=errfh,
+                stderr=errfh,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
             timed_out = False
             try:
                 proc.wait(timeout=timeout)
@@ -192,8 +218,7 @@ def run_in_guest(version: str, command: str, *, timeout: float = 600,
 
         def fail(msg: str) -> RigError:
             extra = f"\n--- qemu stderr ---\n{_tail(qerr)}" if qerr else ""
-            return RigError(f"rig: {msg} [{where}, {seconds:.1f}s]{extra}\n"
-                            f"--- console tail ---\n{_tail(console)}")
+            return RigError(f"rig: {msg} [{where}, {seconds:.1f}s]{extra}\n--- console tail ---\n{_tail(console)}")
 
         if timed_out:
             raise fail(f"guest timed out after {timeout}s")
@@ -209,8 +234,9 @@ def run_in_guest(version: str, command: str, *, timeout: float = 600,
         return GuestResult(returncode=int(parts[1]), output=output, console=console, seconds=seconds)
 
 
-def run_interactive(version: str, command: str = "exec /bin/bash -i", *,
-                    env: dict[str, str] | None = None, share: str | None = None) -> int:
+def run_interactive(
+    version: str, command: str = "exec /bin/bash -i", *, env: dict[str, str] | None = None, share: str | None = None
+) -> int:
     """Debug aid: boot with the serial console on this terminal (Ctrl-A x quits)."""
     kernel = ensure_kernel(version)
     share = _check_share(share)
@@ -225,4 +251,3 @@ def run_interactive(version: str, command: str = "exec /bin/bash -i", *,
             _kill(proc)
         rcfile = ctl / "rc"
         return int(rcfile.read_text().split()[1]) if rcfile.is_file() else 125
-

@@ -5,6 +5,7 @@ One client stack for every path (tpm2-pytss ESAPI over a tpm2-tss TCTI, :class:`
 so only the path differs; :func:`measure` times them in interleaved rounds and
 :func:`count_commands` counts backend commands per user command through a relay.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """scripts/bench.py's report: the two tables, how it was measured, and the goal."""
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ The swtpms come from :mod:`cusetpm.testing.swtpm`, the daemons from
 :mod:`cusetpm.testing.daemon` and the counting relays from :mod:`cusetpm.testing.relay`;
 this adds tpm2-abrmd on a private D-Bus session bus, and undoes everything in phases.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@
 has written the node's path to it (never by reading its output); :meth:`Served.stop` sends
 SIGTERM and waits, and if the daemon hangs kills it and lazily unmounts its FUSE mount.
 """
+
 from __future__ import annotations
 
 import os

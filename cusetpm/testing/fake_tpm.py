@@ -21,6 +21,7 @@ faithfully is the handle bookkeeping the kernel depends on:
 
 ``ccs`` records the command code of every command received, ``commands`` the bytes.
 """
+
 from __future__ import annotations
 
 import struct

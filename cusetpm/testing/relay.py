@@ -9,6 +9,7 @@
 
 Blocking sockets and daemon threads: only for test and bench processes.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ The command line comes from :func:`cusetpm.backends.swtpm_argv`, the one place i
 :meth:`Swtpm.start` picks a free loopback port pair, waits until both the data and the
 control channel accept, and :meth:`Swtpm.stop` stops it and removes its state.
 """
+
 from __future__ import annotations
 
 import os
