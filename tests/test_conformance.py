@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -398,6 +400,24 @@ def test_scenario_from_strace() -> None:
         "close a",
         "write b 80010000000a00000001",
     ]
+
+
+@pytest.mark.parametrize("path", ["/dev/tpmrm0", "/run/cusetpm/tpmrm0", "/tmp/x/node/tpmrm1", "/dev/cusetpmrm0"])
+def test_the_default_pattern_keeps_kernel_and_cusetpm_nodes(path: str) -> None:
+    trace = f'1 openat(AT_FDCWD, "{path}", O_RDWR) = 3\n1 close(3) = 0\n'
+    assert scenario_from_strace(trace).splitlines()[2:] == ["open a", "close a"]
+
+
+def test_a_trace_with_no_matching_node_is_an_error_not_an_empty_scenario(tmp_path) -> None:
+    trace = '1 openat(AT_FDCWD, "/run/cusetpm/tpmrm0", O_RDWR) = 3\n'
+    with pytest.raises(ValueError, match="whole path"):
+        scenario_from_strace(trace, node_pattern="tpmrm0")
+    (tmp_path / "t.log").write_text(trace)
+    r = subprocess.run(
+        [sys.executable, "-m", "cusetpm.conformance", "from-strace", "--node-pattern", "/dev/tpmrm0", str(tmp_path / "t.log")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode != 0 and "no file in the trace" in r.stderr and r.stdout == ""
 
 
 def test_scenario_from_strace_rejects_truncated_strings() -> None:

@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner import run_scenario
     from .scenario import ParseError, load_scenarios
     from .sides import _auto_close_waiter
-    from .strace import scenario_from_strace
+    from .strace import DEFAULT_NODE_PATTERN, scenario_from_strace
 
     description = (package.__doc__ or "").splitlines()[0]
     ap = argparse.ArgumentParser(prog="python -m cusetpm.conformance", description=description)
@@ -127,7 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_conformance_args(sub.add_parser("compare", help="the same as `cusetpm conformance`"))
     s = sub.add_parser("from-strace", help="make a scenario from strace output")
     s.add_argument("log", help="strace output (-f -xx -s 65536), '-' for stdin")
-    s.add_argument("--node-pattern", default=r"/dev/tpmrm\d+", help="regex of the node path to keep")
+    s.add_argument(
+        "--node-pattern",
+        default=DEFAULT_NODE_PATTERN,
+        help="regular expression that must match the WHOLE path of a node whose calls are kept "
+        "(default: %(default)s, i.e. /dev/tpmrmN, cusetpm's FUSE file DIR/tpmrmN and CUSE /dev/cusetpmrmN); "
+        "no match at all is an error",
+    )
     s.add_argument("--name", default="recorded")
     args = ap.parse_args(argv)
     try:

@@ -21,12 +21,17 @@ def _strace_bytes(s: str) -> bytes:
     return body[1:-1].encode("latin-1").decode("unicode_escape").encode("latin-1")
 
 
-def scenario_from_strace(text: str, node_pattern: str = r"/dev/tpmrm\d+", name: str = "recorded") -> str:
+#: The kernel's nodes (/dev/tpmrm0) and cusetpm's own: a FUSE file DIR/tpmrmN, a CUSE /dev/cusetpmrmN.
+DEFAULT_NODE_PATTERN = r"(?:.*/)?(?:cuse)?tpmrm\d+"
+
+
+def scenario_from_strace(text: str, node_pattern: str = DEFAULT_NODE_PATTERN, name: str = "recorded") -> str:
     """Turn strace output (``-f -xx -s 65536``) of a program into a scenario.
 
-    Only calls on files opened from a path matching ``node_pattern`` are kept: open/openat
-    (access mode and O_NONBLOCK), write, read (the size asked for), poll/ppoll, fcntl
-    F_SETFL, close.  Files are named a, b, c, ... by first open.
+    Only calls on files opened from a path that ``node_pattern`` matches *as a whole*
+    (``re.fullmatch``) are kept: open/openat (access mode and O_NONBLOCK), write, read (the
+    size asked for), poll/ppoll, fcntl F_SETFL, close.  Files are named a, b, c, ... by first
+    open.  A trace in which no path matches is a ValueError, not an empty scenario.
     """
     fds: dict[tuple[str, int], str] = {}
     out = ["# recorded from strace by cusetpm.conformance from-strace", f"scenario {name}"]
@@ -93,4 +98,9 @@ def scenario_from_strace(text: str, node_pattern: str = r"/dev/tpmrm\d+", name: 
         elif call == "close":
             out.append(f"close {f}")
             del fds[key]
+    if counter == 0:
+        raise ValueError(
+            f"no file in the trace was opened from a path matching {node_pattern!r} "
+            "(the pattern must match the whole path, e.g. '.*/tpmrm0')"
+        )
     return "\n".join(out) + "\n"
