@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .conformance.cli import add_conformance_parser
 
     add_conformance_parser(sub)
+    from .record import add_parsers as add_record_parsers
+
+    add_record_parsers(sub)
     return parser
 
 
@@ -106,27 +109,29 @@ async def serve(args: argparse.Namespace) -> int:
         chip = TpmChip(backend)
         with trio.fail_after(30):
             await chip.register()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(chip.serve)
-            if kind == "cuse":
-                from .frontends.cuse import serve_cuse
+        # The signal receiver is open before anyone is told the node serves, so a SIGTERM
+        # sent right after the ready line is a clean shutdown, not the default death.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(chip.serve)
+                if kind == "cuse":
+                    from .frontends.cuse import serve_cuse
 
-                node = Node(chip, profile, where)
-                path = os.path.join("/dev", where)
-                await nursery.start(functools.partial(
-                    serve_cuse, node, where, major=args.major, minor=args.minor, mode=mode,
-                    owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
-            else:
-                from .frontends.fuse import serve_fuse
+                    node = Node(chip, profile, where)
+                    path = os.path.join("/dev", where)
+                    await nursery.start(functools.partial(
+                        serve_cuse, node, where, major=args.major, minor=args.minor, mode=mode,
+                        owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
+                else:
+                    from .frontends.fuse import serve_fuse
 
-                node = Node(chip, profile, args.name or "tpmrm0")
-                path = os.path.join(os.path.abspath(where), node.name)
-                await nursery.start(functools.partial(serve_fuse, node, where, name=node.name, mode=mode))
-            print(f"cusetpm: serving {path} ({kind.upper()}, kernel {profile.name})", flush=True)
-            print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
-            if args.ready_fd is not None:
-                signal_ready(args.ready_fd, path)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    node = Node(chip, profile, args.name or "tpmrm0")
+                    path = os.path.join(os.path.abspath(where), node.name)
+                    await nursery.start(functools.partial(serve_fuse, node, where, name=node.name, mode=mode))
+                print(f"cusetpm: serving {path} ({kind.upper()}, kernel {profile.name})", flush=True)
+                print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
+                if args.ready_fd is not None:
+                    signal_ready(args.ready_fd, path)
                 async for _ in signals:
                     log.info("shutting down")
                     nursery.cancel_scope.cancel()
@@ -145,6 +150,10 @@ def signal_ready(fd: int, path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("record", "check"):
+        from .record import run_check, run_record
+
+        return run_record(args) if args.command == "record" else run_check(args)
     if args.command == "conformance":
         from .conformance.cli import run_conformance
 

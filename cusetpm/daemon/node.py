@@ -22,6 +22,7 @@ from ..kernel.profiles import KernelProfile
 from ..kernel.seam import Seam
 from ..kernel.tpm_dev_common import FileState, release_space, tpm_dev_transmit
 from .chip import TpmChip
+from .recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,16 @@ class Node:
         self.core = chip.core(profile)
         self.core.seam = seam
         self.files: set[DeviceFile] = set()
+        #: ``cusetpm record``: every call on every file, as a scenario (None: not recording).
+        self.recorder: Recorder | None = None
 
     def open(self, flags: int = os.O_RDWR, opener: Opener = Opener()) -> DeviceFile:
         """tpmrm_open(): a new file with an empty space.  Nothing reaches the TPM."""
         f = DeviceFile(self, opener)
         self.files.add(f)
         self.chip.files.add(f)
+        if self.recorder is not None:
+            self.recorder.opened(f, flags)
         return f
 
     async def close_all(self) -> None:
@@ -107,6 +112,8 @@ class DeviceFile:
 
     async def write(self, data: bytes, nonblock: bool) -> int:
         """tpm_common_write()."""
+        if self.node.recorder is not None:
+            self.node.recorder.wrote(self, data, nonblock)
         FileState.check_size(len(data))
         await self._acquire()
         handed_over = False
@@ -149,6 +156,8 @@ class DeviceFile:
 
     async def read(self, size: int, nonblock: bool = False) -> bytes:
         """tpm_common_read(); never EAGAIN: nothing pending reads as 0 bytes."""
+        if self.node.recorder is not None:
+            self.node.recorder.read(self, size)
         if not self.state.read_needs_lock(size):
             return b""
         await self._acquire()
@@ -159,6 +168,8 @@ class DeviceFile:
 
     async def poll(self, wake: Callable[[], None] | None = None) -> int:
         """tpm_common_poll(): waits for a command in flight, then IN or OUT, never both."""
+        if self.node.recorder is not None:
+            self.node.recorder.polled(self, wake is not None)
         if wake is not None:
             self._waiter = wake
         await self._acquire()
@@ -183,6 +194,8 @@ class DeviceFile:
         if self.closed:
             return
         self.closed = True
+        if self.node.recorder is not None:
+            self.node.recorder.closed(self)
         with trio.CancelScope(shield=True):
             if self._work_done is not None:
                 await self._work_done.wait()

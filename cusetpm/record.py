@@ -1,0 +1,150 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""``cusetpm record`` and ``cusetpm check``: test a program against the kernels' RM semantics.
+
+``record`` serves a node (FUSE, on its own fresh swtpm), runs the program with the usual
+variables pointing at it, and writes what the daemon saw as a conformance scenario
+(:class:`cusetpm.daemon.recorder.Recorder`).  The program's exit status is passed through.
+``check`` records (or takes a ``.scn`` file) and replays the scenario against the real
+kernels in their qemu guests and against the node, through ``cusetpm conformance``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .backends import open_backend
+from .daemon import Node, TpmChip
+from .daemon.recorder import Recorder
+from .kernel.profiles import DEFAULT_PROFILE, PROFILES, get_profile
+
+#: The variables that point common clients at the node.
+TCTI_VARIABLES = ("TPM2TOOLS_TCTI", "TPM2OPENSSL_TCTI", "TPM2_PKCS11_TCTI", "TCTI")
+
+
+def client_environment(node: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: ours) with every TCTI variable set to ``device:NODE`` and
+    ``CUSETPM_DEVICE=NODE`` for programs that open the device themselves (go-tpm, say)."""
+    env = dict(os.environ if base is None else base)
+    env.update({name: f"device:{node}" for name in TCTI_VARIABLES})
+    env["CUSETPM_DEVICE"] = node
+    return env
+
+
+def scenario_name(program: list[str]) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(program[0])) or "recorded"
+
+
+async def record(program: list[str], *, kernel: str = DEFAULT_PROFILE, tcti: str | None = None,
+                 program_stdout: int | None = None) -> tuple[int, str]:  # fmt: skip
+    """Run ``program`` against a fresh node; returns its exit status and the scenario."""
+    from .frontends.fuse import serve_fuse
+
+    profile = get_profile(kernel)
+    with tempfile.TemporaryDirectory(prefix="cusetpm-record-") as tmp:
+        async with open_backend(tcti, Path(tmp) / "swtpm") as backend:
+            chip = TpmChip(backend)
+            with trio.fail_after(30):
+                await chip.register()
+            node = Node(chip, profile)
+            recorder = node.recorder = Recorder()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(chip.serve)
+                mnt = os.path.join(tmp, "mnt")
+                await nursery.start(serve_fuse, node, mnt)
+                path = os.path.join(mnt, node.name)
+                proc = await trio.run_process(
+                    program, env=client_environment(path), check=False, stdin=None, stdout=program_stdout
+                )
+                # FUSE sends RELEASE after close() returned: let the last closes arrive.
+                with trio.move_on_after(5):
+                    while node.files:
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+    header = f"recorded by cusetpm record (kernel {kernel}): {subprocess.list2cmdline(program)}"
+    return proc.returncode, recorder.scenario(scenario_name(program), header)
+
+
+def add_parsers(sub: Any) -> None:
+    """``cusetpm record`` and ``cusetpm check``."""
+    for name, help_ in (
+        ("record", "run a program against a node and write what it did as a scenario"),
+        ("check", "record a program (or take a .scn file) and compare it with the real kernels"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        if name == "record":
+            p.add_argument("--kernel", default=DEFAULT_PROFILE, choices=sorted(PROFILES), help="profile to serve")
+            p.add_argument("-o", "--output", metavar="FILE", help="write the scenario here (default: stdout)")
+        else:
+            p.add_argument("--kernel", default="all", choices=[*sorted(PROFILES), "all"], help="kernel(s)")
+            p.add_argument("--node", default="fuse", choices=("fuse", "cuse"), help="which cusetpm node to compare")
+            p.add_argument("--timeout", type=float, default=1500.0, help="limit for one guest run (seconds)")
+        p.add_argument("--tcti", metavar="CONF", help="backing TPM while recording (default: a fresh swtpm)")
+        p.add_argument(
+            "program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]" + (" or FILE.scn" * (name == "check"))
+        )
+
+
+def _program(args: argparse.Namespace) -> list[str]:
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        raise SystemExit(f"cusetpm {args.command}: give a program after --")
+    return list(program)
+
+
+def _missing(program: list[str]) -> bool:
+    """A program the shell could not start: said once, exit status 127 as a shell gives."""
+    if shutil.which(program[0]) is None:
+        print(f"cusetpm: {program[0]}: command not found", file=sys.stderr)
+        return True
+    return False
+
+
+def run_record(args: argparse.Namespace) -> int:
+    program = _program(args)
+    # The scenario goes to stdout unless -o is given; then the program keeps stdout itself.
+    out_fd = None if args.output else sys.stderr.fileno()
+    if _missing(program):
+        return 127
+    rc, text = trio.run(lambda: record(program, kernel=args.kernel, tcti=args.tcti, program_stdout=out_fd))
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return rc
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Exit status 0 only if the node and every chosen kernel agree on every step."""
+    from .conformance.cli import run_conformance
+
+    program = _program(args)
+    with tempfile.TemporaryDirectory(prefix="cusetpm-check-") as tmp:
+        if len(program) == 1 and program[0].endswith(".scn") and os.path.isfile(program[0]):
+            scn = program[0]
+        elif _missing(program):
+            return 127
+        else:
+            kernel = DEFAULT_PROFILE if args.kernel == "all" else args.kernel
+            rc, text = trio.run(
+                lambda: record(program, kernel=kernel, tcti=args.tcti, program_stdout=sys.stderr.fileno())
+            )
+            print(
+                f"cusetpm check: the program exited with status {rc}; {text.count(chr(10)) - 2} calls recorded",
+                file=sys.stderr,
+            )
+            scn = os.path.join(tmp, f"{scenario_name(program)}.scn")
+            Path(scn).write_text(text)
+        conf = argparse.Namespace(
+            kernel=args.kernel, node=args.node, only=[], timeout=args.timeout, json=None, files=[scn]
+        )
+        return run_conformance(conf)
