@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cusetpm.testing.daemon import unmount
+
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "cusetpm"
 
@@ -106,6 +108,7 @@ def test_serve_loads_neither_the_conformance_harness_nor_the_rig(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
+        unmount(tmp_path / "mnt")  # only if the daemon could not
     assert proc.returncode == 0, err[-2000:]
     loaded = {line.rsplit("|", 1)[-1].strip() for line in err.splitlines() if line.startswith("import time:")}
     assert "cusetpm.daemon.node" in loaded and "cusetpm.frontends.fuse" in loaded

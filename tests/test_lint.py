@@ -19,10 +19,10 @@ def test_mypy_finds_no_errors_in_the_package() -> None:
 
 
 def test_ruff_lint_is_clean() -> None:
-    result = _run("ruff", "check", "cusetpm", "tests", "scripts")
+    result = _run("ruff", "check", "cusetpm", "tests", "scripts", "examples")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format_is_clean() -> None:
-    result = _run("ruff", "format", "--check", "cusetpm", "tests", "scripts")
+    result = _run("ruff", "format", "--check", "cusetpm", "tests", "scripts", "examples")
     assert result.returncode == 0, result.stdout + result.stderr
