@@ -80,3 +80,54 @@ def test_tcti_backend_talks_to_swtpm():
 def test_tcti_backend_bad_conf_is_a_backend_error():
     with pytest.raises(BackendError):
         TctiBackend("nosuchtcti:x")
+
+
+def test_a_killed_daemon_leaves_no_managed_swtpm_behind(tmp_path):
+    """kill -9 of the daemon: its swtpm dies with it (PR_SET_PDEATHSIG), nothing is orphaned."""
+    import os
+    import signal
+    import time
+
+    from cusetpm.testing.daemon import start_serve, unmount
+
+    served = start_serve(
+        ["--fuse", str(tmp_path / "mnt"), "--state-dir", str(tmp_path / "state")],
+        log_path=tmp_path / "log",
+        mount=tmp_path / "mnt",
+    )
+    try:
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == served.proc.pid]
+        swtpm = [p for p in children if b"swtpm" in _cmdline(p)]
+        assert len(swtpm) == 1
+        os.kill(served.proc.pid, signal.SIGKILL)
+        served.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{swtpm[0]}") and _state(swtpm[0]) != "Z":
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{swtpm[0]}") or _state(swtpm[0]) == "Z"
+    finally:
+        unmount(tmp_path / "mnt")
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

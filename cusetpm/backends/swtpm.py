@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -94,7 +95,13 @@ async def managed_swtpm(state_dir: Path | None = None) -> AsyncIterator[SocketBa
     for attempt in range(5):
         port = free_port_pair()
         argv = swtpm_argv(state, port, exe=exe)
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
         backend = SocketBackend("127.0.0.1", port)
         try:
             await _wait_connect(backend, proc)
@@ -111,6 +118,15 @@ async def managed_swtpm(state_dir: Path | None = None) -> AsyncIterator[SocketBa
                 await backend.aclose()
                 await _stop(proc)
         return
+
+
+def _die_with_parent() -> None:
+    """preexec: the managed swtpm gets SIGTERM when the daemon dies, even by SIGKILL, so a
+    killed daemon leaves no swtpm behind (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def _wait_connect(backend: SocketBackend, proc: subprocess.Popen[bytes]) -> None:
