@@ -90,7 +90,9 @@ def add_parsers(sub: Any) -> None:
             p.add_argument("--timeout", type=float, default=1500.0, help="limit for one guest run (seconds)")
         p.add_argument("--tcti", metavar="CONF", help="backing TPM while recording (default: a fresh swtpm)")
         p.add_argument(
-            "program", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]" + (" or FILE.scn" * (name == "check"))
+            "program",
+            nargs=argparse.REMAINDER,
+            help="-- PROGRAM [ARGS...]" if name == "record" else "-- PROGRAM [ARGS...] or FILE.scn",
         )
 
 

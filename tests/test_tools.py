@@ -164,37 +164,11 @@ def test_verifysignature(node: Path, tmp_path: Path) -> None:
     _signing_key(node, tmp_path)
     (tmp_path / "msg").write_bytes(b"verify me\n")
     tpm2(node, "tpm2_sign", "-c", "key.ctx", "-g", "sha256", "-o", "sig", "msg", cwd=tmp_path)
-    tpm2(
-        node,
-        "tpm2_verifysignature",
-        "-c",
-        "key.ctx",
-        "-g",
-        "sha256",
-        "-m",
-        "msg",
-        "-s",
-        "sig",
-        "-t",
-        "ticket",
-        cwd=tmp_path,
-    )
+    verify = ["tpm2_verifysignature", "-c", "key.ctx", "-g", "sha256", "-m", "msg", "-s", "sig"]
+    tpm2(node, *verify, "-t", "ticket", cwd=tmp_path)
     assert (tmp_path / "ticket").stat().st_size > 0
     (tmp_path / "msg").write_bytes(b"verify me, changed\n")
-    bad = tpm2(
-        node,
-        "tpm2_verifysignature",
-        "-c",
-        "key.ctx",
-        "-g",
-        "sha256",
-        "-m",
-        "msg",
-        "-s",
-        "sig",
-        cwd=tmp_path,
-        check=False,
-    )
+    bad = tpm2(node, *verify, cwd=tmp_path, check=False)
     assert bad.returncode != 0
     assert b"0x2DB" in bad.stderr or b"signature is not valid" in bad.stderr, bad.stderr.decode()
 
