@@ -13,6 +13,7 @@ The parts, in the order a run uses them:
 * :mod:`.guest`: the in-guest driver (:func:`~.guest.guest_run`);
 * :mod:`.report`: on the host, boot a guest, compare and report, with the table of expected
   differences;
+* :mod:`.kernel_diff`: where the real kernels disagree with each other, and the rule why;
 * :mod:`.strace`: strace output of a program -> a scenario;
 * :mod:`.cli`: ``cusetpm conformance`` and ``python -m cusetpm.conformance``.
 

@@ -80,7 +80,32 @@ def run_conformance(args: argparse.Namespace) -> int:
         with open(args.json, "w") as fh:
             json.dump(raw, fh, indent=1)
     print(f"{total_same} scenarios identical, {total_diff} differ")
-    return 1 if total_diff else 0
+    split = _kernels_disagree(raw) if getattr(args, "kernels_must_agree", False) else 0
+    return 1 if total_diff or split else 0
+
+
+def _kernels_disagree(raw: dict[str, GuestRun]) -> int:
+    """``cusetpm check``: print every step the real kernels answer differently, with the rule
+    that explains it; the number of scenarios that differ."""
+    from .kernel_diff import kernel_differences
+    from .normalize import failed_transcript
+
+    if len(raw) < 2:
+        return 0
+    split = 0
+    for name in next(iter(raw.values()))["order"]:
+        diffs = kernel_differences(
+            name, {k: run["kernel_side"].get(name, failed_transcript("not run")) for k, run in raw.items()}
+        )
+        for d in diffs:
+            print(d.describe())
+        split += bool(diffs)
+    kernels = " and ".join(raw)
+    print(
+        f"kernels {kernels}: {split} scenarios differ between them"
+        + (" (the program depends on the kernel)" if split else "")
+    )
+    return split
 
 
 def _print_transcript(name: str, tr: Transcript) -> None:
