@@ -11,6 +11,7 @@ kernels in their qemu guests and against the node, through ``cusetpm conformance
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shutil
@@ -44,11 +45,19 @@ def scenario_name(program: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(program[0])) or "recorded"
 
 
-async def record(program: list[str], *, kernel: str = DEFAULT_PROFILE, tcti: str | None = None,
-                 program_stdout: int | None = None) -> tuple[int, str]:  # fmt: skip
-    """Run ``program`` against a fresh node; returns its exit status and the scenario."""
-    from .frontends.fuse import serve_fuse
+def node_kind(requested: str) -> str:
+    """``auto``: a CUSE device where this kernel allows it (as ``serve --node auto``), else FUSE."""
+    if requested != "auto":
+        return requested
+    from .cli import cuse_usable
 
+    return "cuse" if cuse_usable() else "fuse"
+
+
+async def record(program: list[str], *, kernel: str = DEFAULT_PROFILE, tcti: str | None = None,
+                 program_stdout: int | None = None, node_kind: str = "fuse") -> tuple[int, str]:  # fmt: skip
+    """Run ``program`` against a fresh node (``node_kind`` "fuse" or "cuse"); returns its exit
+    status and the scenario."""
     profile = get_profile(kernel)
     with tempfile.TemporaryDirectory(prefix="cusetpm-record-") as tmp:
         async with open_backend(tcti, Path(tmp) / "swtpm") as backend:
@@ -59,9 +68,18 @@ async def record(program: list[str], *, kernel: str = DEFAULT_PROFILE, tcti: str
             recorder = node.recorder = Recorder()
             async with trio.open_nursery() as nursery:
                 await nursery.start(chip.serve)
-                mnt = os.path.join(tmp, "mnt")
-                await nursery.start(serve_fuse, node, mnt)
-                path = os.path.join(mnt, node.name)
+                if node_kind == "cuse":
+                    from .frontends.cuse import serve_cuse
+
+                    name = f"cusetpm-record{os.getpid()}"
+                    await nursery.start(functools.partial(serve_cuse, node, name, mode=0o600))
+                    path = os.path.join("/dev", name)
+                else:
+                    from .frontends.fuse import serve_fuse
+
+                    mnt = os.path.join(tmp, "mnt")
+                    await nursery.start(serve_fuse, node, mnt)
+                    path = os.path.join(mnt, node.name)
                 proc = await trio.run_process(
                     program, env=client_environment(path), check=False, stdin=None, stdout=program_stdout
                 )
@@ -70,7 +88,7 @@ async def record(program: list[str], *, kernel: str = DEFAULT_PROFILE, tcti: str
                     while node.files:
                         await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
-    header = f"recorded by cusetpm record (kernel {kernel}): {subprocess.list2cmdline(program)}"
+    header = f"recorded by cusetpm record (kernel {kernel}, {node_kind.upper()}): {subprocess.list2cmdline(program)}"
     return proc.returncode, recorder.scenario(scenario_name(program), header)
 
 
@@ -83,6 +101,12 @@ def add_parsers(sub: Any) -> None:
         p = sub.add_parser(name, help=help_)
         if name == "record":
             p.add_argument("--kernel", default=DEFAULT_PROFILE, choices=sorted(PROFILES), help="profile to serve")
+            p.add_argument(
+                "--node",
+                default="auto",
+                choices=("auto", "fuse", "cuse"),
+                help="serve a CUSE /dev node or a FUSE file (default auto: CUSE where /dev/cuse works)",
+            )
             p.add_argument("-o", "--output", metavar="FILE", help="write the scenario here (default: stdout)")
         else:
             p.add_argument("--kernel", default="all", choices=[*sorted(PROFILES), "all"], help="kernel(s)")
@@ -117,7 +141,10 @@ def run_record(args: argparse.Namespace) -> int:
     out_fd = None if args.output else sys.stderr.fileno()
     if _missing(program):
         return 127
-    rc, text = trio.run(lambda: record(program, kernel=args.kernel, tcti=args.tcti, program_stdout=out_fd))
+    kind = node_kind(args.node)
+    rc, text = trio.run(
+        lambda: record(program, kernel=args.kernel, tcti=args.tcti, program_stdout=out_fd, node_kind=kind)
+    )
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -126,7 +153,8 @@ def run_record(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Exit status 0 only if the node and every chosen kernel agree on every step."""
+    """Exit status 0 only if the node and every chosen kernel agree on every step, and the
+    kernels agree with each other (a program that depends on the kernel is a finding)."""
     from .conformance.cli import run_conformance
 
     program = _program(args)
@@ -138,7 +166,13 @@ def run_check(args: argparse.Namespace) -> int:
         else:
             kernel = DEFAULT_PROFILE if args.kernel == "all" else args.kernel
             rc, text = trio.run(
-                lambda: record(program, kernel=kernel, tcti=args.tcti, program_stdout=sys.stderr.fileno())
+                lambda: record(
+                    program,
+                    kernel=kernel,
+                    tcti=args.tcti,
+                    program_stdout=sys.stderr.fileno(),
+                    node_kind=node_kind("auto"),
+                )  # fmt: skip
             )
             print(
                 f"cusetpm check: the program exited with status {rc}; {text.count(chr(10)) - 2} calls recorded",
@@ -147,6 +181,12 @@ def run_check(args: argparse.Namespace) -> int:
             scn = os.path.join(tmp, f"{scenario_name(program)}.scn")
             Path(scn).write_text(text)
         conf = argparse.Namespace(
-            kernel=args.kernel, node=args.node, only=[], timeout=args.timeout, json=None, files=[scn]
+            kernel=args.kernel,
+            node=args.node,
+            only=[],
+            timeout=args.timeout,
+            json=None,
+            files=[scn],
+            kernels_must_agree=True,
         )
         return run_conformance(conf)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +57,77 @@ def test_check_finds_tpm2_tools_identical_on_both_kernels(tmp_path):
     r = cusetpm("check", "--kernel", "all", "--", "sh", "-c", script, cwd=tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 scenarios identical, 0 differ" in r.stdout
+
+
+#: A program that depends on a 6.1/6.12 difference: file b flushes file a's session, then a
+#: uses its own file again.  6.12 forgets the lost session; 6.1 fails a's every command.
+FLUSHES_ANOTHERS_SESSION = r"""
+import os, struct, sys
+dev = os.environ["CUSETPM_DEVICE"]
+def cmd(fd, cc, body):
+    os.write(fd, struct.pack(">HII", 0x8001, 10 + len(body), cc) + body)
+    return os.read(fd, 4096)
+a, b = os.open(dev, os.O_RDWR), os.open(dev, os.O_RDWR)
+null = struct.pack(">I", 0x40000007)
+start = null + null + struct.pack(">H", 16) + bytes(16) + struct.pack(">HBHH", 0, 0, 0x10, 0x0B)
+handle = cmd(a, 0x176, start)[10:14]
+assert struct.unpack(">I", cmd(b, 0x165, handle)[6:10])[0] == 0  # b flushes a's session
+print("a's GetRandom:", cmd(a, 0x17B, struct.pack(">H", 8))[6:10].hex())
+os.close(a); os.close(b)
+"""
+
+
+@pytest.mark.guest
+def test_check_reports_a_program_that_depends_on_the_kernel(tmp_path):
+    prog = tmp_path / "flush_other.py"
+    prog.write_text(FLUSHES_ANOTHERS_SESSION)
+    r = cusetpm("check", "--kernel", "all", "--", sys.executable, str(prog), cwd=tmp_path, timeout=1500)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "1 scenarios identical, 0 differ" in r.stdout  # the node reproduces each kernel...
+    assert "KERNELS DIFFER" in r.stdout and "6.1:   EFAULT" in r.stdout  # ...but the kernels disagree
+    assert "another file flushed this file's session" in " ".join(r.stdout.split())
+    assert "1 scenarios differ between them (the program depends on the kernel)" in r.stdout
+
+
+def _replay(node: Path, scn: Path, out: Path) -> list[tuple[str, str]]:
+    """Run a scenario against ``node``; each step's operation (poll timeouts aside) and result."""
+    from cusetpm.conformance.cli import main as conformance_main
+
+    assert conformance_main(["run", "--node", str(node), "--out", str(out), str(scn)]) == 0
+    (transcript,) = json.loads(out.read_text()).values()
+    assert transcript["error"] is None
+    return [(re.sub(r"^(poll \S+ in) \d+$", r"\1 T", s["op"]), s["result"]) for s in transcript["steps"]]
+
+
+def test_a_recorded_scenario_and_the_strace_of_the_same_run_replay_the_same(tmp_path, daemon):
+    tools = "tpm2_createprimary -c p.ctx >/dev/null && tpm2_getrandom 8 >/dev/null && tpm2_flushcontext -t"
+    trace = tmp_path / "trace.txt"
+    strace = ["strace", "-f", "-xx", "-s", "65536", "-o", str(trace)]
+    r = cusetpm("record", "-o", "rec.scn", "--", *strace, "sh", "-c", tools, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    conv = subprocess.run(
+        [sys.executable, "-m", "cusetpm.conformance", "from-strace", str(trace)], capture_output=True, text=True
+    )
+    assert conv.returncode == 0, conv.stderr
+    (tmp_path / "strace.scn").write_text(conv.stdout)
+    recorded = _replay(daemon().node, tmp_path / "rec.scn", tmp_path / "rec.json")
+    converted = _replay(daemon().node, tmp_path / "strace.scn", tmp_path / "strace.json")
+    assert sum(op.startswith("write") for op, _ in recorded) >= 4  # both tools' commands are in it
+    assert recorded == converted
+
+
+@pytest.mark.guest
+def test_record_serves_a_cuse_device_where_the_kernel_has_cuse(tmp_path):
+    from cusetpm.rig import run_in_guest
+
+    out = tmp_path / "c.scn"
+    cmd = (
+        f"{sys.executable} -m cusetpm record -o {out} -- sh -c 'tpm2_getrandom 4 >/dev/null; echo $CUSETPM_DEVICE >&2'"
+    )
+    result = run_in_guest("6.12", f"cd {ROOT} && {cmd}", timeout=400, share=str(tmp_path))
+    assert result.returncode == 0, result.output
+    assert re.search(r"^/dev/cusetpm-record\d+$", result.output, re.M), result.output
+    text = out.read_text()
+    assert "(kernel 6.12, CUSE)" in text.splitlines()[0]
+    (sc,) = parse_text(text)
+    assert [s.text.split()[0] for s in sc.steps][:2] == ["open", "write"] and sc.steps[-1].text == "close a"
