@@ -113,6 +113,7 @@ def add_parsers(sub: Any) -> None:
             p.add_argument("--node", default="fuse", choices=("fuse", "cuse"), help="which cusetpm node to compare")
             p.add_argument("--timeout", type=float, default=1500.0, help="limit for one guest run (seconds)")
         p.add_argument("--tcti", metavar="CONF", help="backing TPM while recording (default: a fresh swtpm)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
         p.add_argument(
             "program",
             nargs=argparse.REMAINDER,
@@ -136,6 +137,9 @@ def _missing(program: list[str]) -> bool:
 
 
 def run_record(args: argparse.Namespace) -> int:
+    from . import progress
+
+    progress.configure(quiet=args.quiet)
     program = _program(args)
     # The scenario goes to stdout unless -o is given; then the program keeps stdout itself.
     out_fd = None if args.output else sys.stderr.fileno()
@@ -155,8 +159,10 @@ def run_record(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     """Exit status 0 only if the node and every chosen kernel agree on every step, and the
     kernels agree with each other (a program that depends on the kernel is a finding)."""
+    from . import progress
     from .conformance.cli import run_conformance
 
+    progress.configure(quiet=args.quiet)
     program = _program(args)
     with tempfile.TemporaryDirectory(prefix="cusetpm-check-") as tmp:
         if len(program) == 1 and program[0].endswith(".scn") and os.path.isfile(program[0]):
@@ -174,10 +180,7 @@ def run_check(args: argparse.Namespace) -> int:
                     node_kind=node_kind("auto"),
                 )  # fmt: skip
             )
-            print(
-                f"cusetpm check: the program exited with status {rc}; {text.count(chr(10)) - 2} calls recorded",
-                file=sys.stderr,
-            )
+            progress.note(f"check: the program exited with status {rc}; {text.count(chr(10)) - 2} calls recorded")
             scn = os.path.join(tmp, f"{scenario_name(program)}.scn")
             Path(scn).write_text(text)
         conf = argparse.Namespace(
@@ -188,5 +191,6 @@ def run_check(args: argparse.Namespace) -> int:
             json=None,
             files=[scn],
             kernels_must_agree=True,
+            quiet=args.quiet,
         )
         return run_conformance(conf)

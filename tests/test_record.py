@@ -57,6 +57,9 @@ def test_check_finds_tpm2_tools_identical_on_both_kernels(tmp_path):
     r = cusetpm("check", "--kernel", "all", "--", "sh", "-c", script, cwd=tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 scenarios identical, 0 differ" in r.stdout
+    for kernel in ("6.1", "6.12"):  # progress on stderr while it ran (not a terminal: plain lines)
+        assert f"cusetpm: [{kernel}] booting the guest: done in" in r.stderr
+        assert re.search(rf"cusetpm: \[{kernel}\] scenario 1/1 sh ", r.stderr), r.stderr
 
 
 #: A program that depends on a 6.1/6.12 difference: file b flushes file a's session, then a
@@ -81,8 +84,9 @@ os.close(a); os.close(b)
 def test_check_reports_a_program_that_depends_on_the_kernel(tmp_path):
     prog = tmp_path / "flush_other.py"
     prog.write_text(FLUSHES_ANOTHERS_SESSION)
-    r = cusetpm("check", "--kernel", "all", "--", sys.executable, str(prog), cwd=tmp_path, timeout=1500)
+    r = cusetpm("check", "-q", "--kernel", "all", "--", sys.executable, str(prog), cwd=tmp_path, timeout=1500)
     assert r.returncode == 1, r.stdout + r.stderr
+    assert "cusetpm: [" not in r.stderr and "calls recorded" not in r.stderr  # -q: no progress
     assert "1 scenarios identical, 0 differ" in r.stdout  # the node reproduces each kernel...
     assert "KERNELS DIFFER" in r.stdout and "6.1:   EFAULT" in r.stdout  # ...but the kernels disagree
     assert "another file flushed this file's session" in " ".join(r.stdout.split())

@@ -8,6 +8,7 @@ One boot per kernel carries most checks (each boot costs seconds under TCG).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cusetpm import rig
+from cusetpm import progress, rig
 from cusetpm.rig.kernels import _modname
 
 pytestmark = pytest.mark.guest
@@ -43,12 +44,19 @@ echo hello-from-guest > {share}/from-guest.txt
 echo to-stderr >&2
 {rig.guest_swtpm_prelude()} && echo "RANDOM=$(tpm2_getrandom -T device:/dev/tpmrm0 --hex 8)"
 [ -c /dev/tpmrm0 ] && echo TPMRM0=yes
+echo '{progress.MARKER}a progress line from the guest'
 exit 7
 """
     t0 = time.monotonic()
-    res = rig.run_in_guest(version, script, env={"RIG_TEST_VAR": SPECIAL}, share=str(share), timeout=300)
+    lines = io.StringIO()
+    progress.configure(stream=lines)
+    try:
+        res = rig.run_in_guest(version, script, env={"RIG_TEST_VAR": SPECIAL}, share=str(share), timeout=300)
+    finally:
+        progress.configure()
     print(f"\nrig boot {version}: guest {res.seconds:.1f}s, call {time.monotonic() - t0:.1f}s")
     fields = dict(re.findall(r"^([A-Z0-9]+)=(.*)$", res.output, re.M))
+    fields["PROGRESS"] = lines.getvalue()
     return version, kernel, res, fields, share
 
 
@@ -84,6 +92,18 @@ def test_share_round_trip(boot):
     _, _, res, fields, share = boot
     assert fields.get("SHARED") == "hello-from-host", _explain(res)
     assert (share / "from-guest.txt").read_text() == "hello-from-guest\n", _explain(res)
+
+
+def test_progress_lines_while_the_guest_runs(boot):
+    """Boot and run are reported as stages, and a marker line of the command's output becomes
+    a progress line (and is not part of the output)."""
+    version, _, res, fields, _ = boot
+    got = fields["PROGRESS"].splitlines()
+    for stage in ("building the initramfs", "booting the guest", "running in the guest"):
+        assert f"cusetpm: [{version}] {stage} ..." in got, got
+        assert any(re.fullmatch(rf"cusetpm: \[{version}\] {stage}: done in \d+\.\d s", line) for line in got), got
+    assert f"cusetpm: [{version}] a progress line from the guest" in got, got
+    assert progress.MARKER not in res.output
 
 
 def test_failing_command_status():

@@ -28,6 +28,7 @@ def _add_conformance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this scenario (repeatable)")
     p.add_argument("--timeout", type=float, default=1500.0, help="limit for one guest run (seconds)")
     p.add_argument("--json", metavar="FILE", help="also write the raw transcripts to FILE")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument(
         "files",
         nargs="*",
@@ -51,10 +52,11 @@ def add_conformance_parser(subparsers: Any) -> None:
 def run_conformance(args: argparse.Namespace) -> int:
     """``cusetpm conformance``: exit status 0 if identical, 1 if any scenario differs, 2 on
     a usage or rig error."""
-    from .. import rig
+    from .. import progress, rig
     from .report import compare
     from .scenario import ParseError, load_scenarios
 
+    progress.configure(quiet=getattr(args, "quiet", False))
     kernels = KERNELS if args.kernel == "all" else (args.kernel,)
     try:
         names = {s.name for s in load_scenarios(args.files)}

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from .. import progress
 from .normalize import GuestRun, Transcript, failed_transcript
 from .runner import run_scenario
 from .scenario import load_scenarios
@@ -52,6 +53,16 @@ def _with_watchdog(timeout: float, on_timeout: Callable[[], None], fn: Callable[
     return result
 
 
+def _side(name: str, t: Transcript) -> str:
+    return f"{name} {'FAILED ' if t.get('error') else ''}{float(t.get('seconds') or 0):.1f} s"
+
+
+def _report_scenario(i: int, total: int, name: str, result: GuestRun, seconds: float) -> None:
+    """A marker line on stdout: the host relays it as a progress line while the guest runs."""
+    k, o = result["kernel_side"][name], result["ours"][name]
+    progress.emit_marker(f"scenario {i}/{total} {name} {seconds:.1f} s ({_side('kernel', k)}, {_side('node', o)})")
+
+
 def guest_run(
     kernel: str,
     node_kind: str,
@@ -65,7 +76,8 @@ def guest_run(
 
     Writes ``{"kernel", "release", "node", "kernel_side": {name: transcript},
     "ours": {name: transcript}, "seconds": ...}`` to ``out``.  Resources for the next
-    scenario are started while the current one runs.
+    scenario are started while the current one runs; a progress marker line goes to stdout
+    after each scenario.
     """
     t_start = time.monotonic()
     scenarios = load_scenarios(files)
@@ -135,6 +147,7 @@ def guest_run(
 
     try:
         for i, sc in enumerate(scenarios):
+            t_scenario = time.monotonic()
             # Start what the next scenarios need; no scenario file is open now, so the
             # forked daemons inherit nothing of the kernel side.
             with phase("start"):
@@ -177,6 +190,7 @@ def guest_run(
             except SideError as exc:
                 t = failed_transcript(str(exc))
             result["ours"][sc.name] = t
+            _report_scenario(i + 1, len(scenarios), sc.name, result, time.monotonic() - t_scenario)
             d.terminate()
             stopping_daemons.append((sc.name, d))
         with phase("final-stop"):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .. import progress
 from ..kernel.profiles import PROFILES
 
 __all__ = ["KERNELS", "GUEST_MODULES", "RigError", "KernelFiles", "cache_dir", "ensure_kernel", "module_load_order"]
@@ -92,8 +93,8 @@ def _run(argv: list[str], **kw) -> subprocess.CompletedProcess[str]:
 _apt_updated = False
 
 
-def _apt_resolve(meta: str) -> tuple[str, str] | None:
-    """Map a meta package to (concrete package, version), or None if apt can't."""
+def _apt_resolve(meta: str) -> tuple[str, str, int] | None:
+    """Map a meta package to (concrete package, version, size of its .deb), or None if apt can't."""
     env = dict(os.environ, LC_ALL="C")
     dep = subprocess.run(
         ["apt-cache", "depends", "--no-recommends", "--no-suggests", meta],
@@ -113,10 +114,11 @@ def _apt_resolve(meta: str) -> tuple[str, str] | None:
     m = re.search(r"^Version:\s*(\S+)", show.stdout, re.M)
     if show.returncode != 0 or not m:
         return None
-    return pkg, m.group(1)
+    size = re.search(r"^Size:\s*(\d+)", show.stdout, re.M)
+    return pkg, m.group(1), int(size.group(1)) if size else 0
 
 
-def _resolve_package(version: str) -> tuple[str, str] | None:
+def _resolve_package(version: str) -> tuple[str, str, int] | None:
     """Resolve via apt, running `apt-get update` once if apt knows nothing."""
     global _apt_updated
     meta = _META_PACKAGES[version]
@@ -125,7 +127,8 @@ def _resolve_package(version: str) -> tuple[str, str] | None:
     got = _apt_resolve(meta)
     if got is None and not _apt_updated and os.geteuid() == 0:
         _apt_updated = True
-        subprocess.run(["apt-get", "update"], capture_output=True)
+        with progress.stage(f"[{version}] apt-get update"):
+            subprocess.run(["apt-get", "update"], capture_output=True)
         got = _apt_resolve(meta)
     return got
 
@@ -195,25 +198,62 @@ def ensure_kernel(version: str) -> KernelFiles:
     if resolved is None:
         cands = _cached_candidates(version)
         if cands:
-            return _kernel_from_dir(version, cands[0])
+            kernel = _kernel_from_dir(version, cands[0])
+            progress.note(f"[{version}] kernel {kernel.package} {kernel.package_version} (cached; apt cannot resolve)")
+            return kernel
         raise RigError(
             f"rig: apt cannot resolve {_META_PACKAGES[version]} and nothing is cached in "
             f"{cache_dir()} (run 'apt-get update' as root?)"
         )
-    pkg, pkgver = resolved
+    pkg, pkgver, size = resolved
     base = cache_dir()
     dest = base / f"{pkg}_{pkgver.replace(':', '%3a')}"
     stampfile = dest / ".cusetpm-rig-stamp"
     with _locked(base / ".lock"):
-        if not stampfile.is_file():
-            _download_and_extract(version, pkg, pkgver, dest)
+        if stampfile.is_file():
+            progress.note(f"[{version}] kernel {pkg} {pkgver} (cached)")
+        else:
+            _download_and_extract(version, pkg, pkgver, size, dest)
     kernel = _kernel_from_dir(version, dest)
     if not kernel.release.startswith(version + "."):
         raise RigError(f"rig: {pkg} is release {kernel.release}, not series {version}")
     return kernel
 
 
-def _download_and_extract(version: str, pkg: str, pkgver: str, dest: Path) -> None:
+def _apt_download(version: str, pkg: str, pkgver: str, size: int, cwd: Path) -> None:
+    """``apt-get download`` with a progress bar: apt reports its percentage on APT::Status-Fd
+    (``dlstatus:ID:PERCENT:TEXT`` lines), and ``size`` (from apt-cache) makes it bytes."""
+    text = f"[{version}] downloading {pkg}"
+    sized = f"{text} ({progress.human_size(size)})" if size else text
+    with tempfile.TemporaryFile("w+") as out, progress.stage(sized):
+        r, w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                ["apt-get", "download", "-o", f"APT::Status-Fd={w}", f"{pkg}={pkgver}"],
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(w,),
+                text=True,
+            )
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        with os.fdopen(r) as status:
+            for line in status:
+                parts = line.split(":", 3)
+                if len(parts) == 4 and parts[0] == "dlstatus" and size:
+                    with contextlib.suppress(ValueError):
+                        progress.bar(min(size, float(parts[2]) * size / 100), size, text)
+        if proc.wait() != 0:
+            out.seek(0)
+            raise RigError(f"rig: apt-get download {pkg}={pkgver} failed ({proc.returncode}):\n{out.read().strip()}")
+
+
+def _download_and_extract(version: str, pkg: str, pkgver: str, size: int, dest: Path) -> None:
     """apt-get download + dpkg -x + depmod into dest, atomically (rename)."""
     base = dest.parent
     base.mkdir(parents=True, exist_ok=True)
@@ -223,19 +263,20 @@ def _download_and_extract(version: str, pkg: str, pkgver: str, dest: Path) -> No
         dl.mkdir()
         dl.chmod(0o755)  # let apt's _apt sandbox user write here
         tmp.chmod(0o755)
-        _run(["apt-get", "download", f"{pkg}={pkgver}"], cwd=dl)
+        _apt_download(version, pkg, pkgver, size, dl)
         debs = list(dl.glob("*.deb"))
         if len(debs) != 1:
             raise RigError(f"rig: apt-get download {pkg} produced {debs}")
         root = tmp / "root"
-        _run(["dpkg-deb", "-x", str(debs[0]), str(root)])
-        shutil.rmtree(dl)
-        (root / ".cusetpm-rig-stamp").write_text("")
-        kernel = _kernel_from_dir(version, root)
-        if not (kernel.modules_dir / "modules.dep").is_file():
-            # Debian generates modules.dep in postinst, so the .deb lacks it.
-            depmod_base = kernel.modules_dir.parents[2]  # dir holding lib/modules
-            _run([_which("depmod"), "-b", str(depmod_base), kernel.release])
+        with progress.stage(f"[{version}] extracting {pkg}"):
+            _run(["dpkg-deb", "-x", str(debs[0]), str(root)])
+            shutil.rmtree(dl)
+            (root / ".cusetpm-rig-stamp").write_text("")
+            kernel = _kernel_from_dir(version, root)
+            if not (kernel.modules_dir / "modules.dep").is_file():
+                # Debian generates modules.dep in postinst, so the .deb lacks it.
+                depmod_base = kernel.modules_dir.parents[2]  # dir holding lib/modules
+                _run([_which("depmod"), "-b", str(depmod_base), kernel.release])
         (root / ".cusetpm-rig-stamp").write_text(f"series={version}\npackage={pkg}\npackage_version={pkgver}\n")
         if dest.exists():
             shutil.rmtree(dest)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import progress
 from .initramfs import _SENTINEL, build_initramfs
 from .kernels import KernelFiles, RigError, _which, ensure_kernel
 
@@ -135,7 +136,8 @@ def _prepare(
     ctl = tmp / "ctl"
     ctl.mkdir()
     initrd = tmp / "initramfs.cpio"
-    initrd.write_bytes(build_initramfs(kernel))
+    with progress.stage(f"[{kernel.version}] building the initramfs"):
+        initrd.write_bytes(build_initramfs(kernel))
     nonce = secrets.token_hex(8)
     try:
         cwd = os.getcwd()
@@ -160,6 +162,65 @@ def _check_share(share: str | None) -> str | None:
     if p == Path("/") or "," in str(p):
         raise RigError(f"rig: share {share!r} cannot be exported")
     return str(p)
+
+
+class _Tail:
+    """What a growing file gained since the last read (the file may not exist yet)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def read(self) -> bytes:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return b""
+        self.offset += len(data)
+        return data
+
+
+def _wait_reporting(
+    proc: subprocess.Popen, timeout: float, version: str, nonce: str, console: Path, output: Path
+) -> tuple[bool, progress.Stage]:
+    """Wait for qemu while reporting progress: the boot until the init's BEGIN sentinel is
+    on the console, then the command, with the marker lines of its output (written by the
+    guest to the rigctl share as it runs) relayed as they come.  Returns (timed out, the
+    stage still open)."""
+    label = f"[{version}]"
+    begin = f"{_SENTINEL}-BEGIN {nonce}".encode()
+    console_tail, output_tail = _Tail(console), _Tail(output)
+    relay = progress.Relay(label)
+    window = b""
+    stage = progress.stage(f"{label} booting the guest")
+    booted = False
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                proc.wait(timeout=0.25)
+                exited = True
+            except subprocess.TimeoutExpired:
+                exited = False
+            if not booted:
+                window += console_tail.read()
+                if begin in window:
+                    booted = True
+                    stage.finish()
+                    stage = progress.stage(f"{label} running in the guest")
+                window = window[-len(begin) :]
+            if booted:
+                relay.feed(output_tail.read())
+            if exited:
+                relay.close()
+                return False, stage
+            if time.monotonic() > deadline:
+                return True, stage
+    except BaseException:
+        stage.finish(ok=False)
+        raise
 
 
 def _reap_stale_tempdirs() -> None:
@@ -204,11 +265,8 @@ def run_in_guest(
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
-            timed_out = False
             try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                timed_out, stage = _wait_reporting(proc, timeout, version, nonce, console_path, ctl / "output")
             finally:
                 _kill(proc)
         seconds = time.monotonic() - start
@@ -220,9 +278,10 @@ def run_in_guest(
             extra = f"\n--- qemu stderr ---\n{_tail(qerr)}" if qerr else ""
             return RigError(f"rig: {msg} [{where}, {seconds:.1f}s]{extra}\n--- console tail ---\n{_tail(console)}")
 
+        rcfile = ctl / "rc"
+        stage.finish(ok=not timed_out and rcfile.is_file())
         if timed_out:
             raise fail(f"guest timed out after {timeout}s")
-        rcfile = ctl / "rc"
         if not rcfile.is_file():
             m = re.search(rf"{_SENTINEL}-FAIL: (.*)", console)
             why = f"guest init failed: {m.group(1)}" if m else "guest produced no result (no exit-status sentinel)"
@@ -231,6 +290,7 @@ def run_in_guest(
         if len(parts) != 2 or parts[0] != nonce or not parts[1].isdigit():
             raise fail(f"corrupt exit-status sentinel {parts!r}")
         output = (ctl / "output").read_text(errors="replace") if (ctl / "output").exists() else ""
+        output = progress.strip_markers(output)
         return GuestResult(returncode=int(parts[1]), output=output, console=console, seconds=seconds)
 
 
