@@ -6,8 +6,12 @@ PY := $(VENV)/bin/python
 RUN_ARGS ?=
 KERNEL ?= 6.12
 PYTEST_ARGS ?=
+# make fuzz: inputs per fuzz target, mutants per kernel through a live node, hypothesis examples.
+FUZZ_INPUTS ?= 1000000
+HOSTILE_N ?= 100000
+FUZZ_EXAMPLES ?= 1000
 
-.PHONY: install run test bench clean
+.PHONY: install run test fuzz bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +27,12 @@ run: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The long hostile-input runs (issue 10); each prints its figures.
+fuzz: install
+	$(PY) scripts/fuzz.py --inputs $(FUZZ_INPUTS)
+	CUSETPM_HOSTILE_N=$(HOSTILE_N) CUSETPM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider \
+		tests/test_hostile_node.py tests/test_fuzz_core.py tests/test_fuzz_cuse_proto.py
 
 bench: install
 	$(PY) scripts/bench.py

@@ -146,8 +146,22 @@ class _Server:
             if buf is None:
                 log.info("cuse %s: channel torn down (ENODEV)", self.name)
                 return
-            self.dispatch(proto.parse_request(buf), nursery)
+            try:
+                req = proto.parse_request(buf)
+            except proto.ProtocolError as e:
+                self.reject(buf, e)
+            else:
+                self.dispatch(req, nursery)
             await trio.lowlevel.checkpoint()
+
+    def reject(self, buf: bytes, error: proto.ProtocolError) -> None:
+        """A request we cannot parse (the kernel sends none): answer EIO if its header says
+        whom to answer, so no caller waits for ever, and go on.  Ending the loop would take
+        the device away from every open file."""
+        header = proto.parse_header(buf)
+        log.warning("cuse %s: malformed request (%s)", self.name, error)
+        if header is not None and header.unique and header.opcode not in proto.NO_REPLY_OPCODES:
+            self.send(proto.reply_error(header.unique, errno.EIO))
 
     def dispatch(self, req: proto.Request, nursery: trio.Nursery) -> None:
         """Answer at once what needs no device; start a task for the rest."""

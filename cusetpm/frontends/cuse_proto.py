@@ -272,13 +272,31 @@ def _unpack(layout: struct.Struct, body: bytes, what: str) -> tuple[int, ...]:
     return layout.unpack_from(body)
 
 
+def parse_header(buf: bytes) -> InHeader | None:
+    """The fuse_in_header at the start of ``buf`` whatever follows it, or None if too short.
+
+    What a malformed request is answered with needs its ``unique`` (and its opcode: some
+    take no reply).
+    """
+    if len(buf) < IN_HEADER.size:
+        return None
+    length, opcode, unique, nodeid, uid, gid, pid, _extlen, _pad = IN_HEADER.unpack_from(buf)
+    return InHeader(length, opcode, unique, nodeid, uid, gid, pid)
+
+
 def parse_request(buf: bytes) -> Request:
-    """Parse one request as read from /dev/cuse (one read() returns exactly one)."""
+    """Parse one request as read from /dev/cuse (one read() returns exactly one).
+
+    Raises :class:`ProtocolError` and nothing else for bytes that are no request.
+    """
     if len(buf) < IN_HEADER.size:
         raise ProtocolError(f"request of {len(buf)} bytes is shorter than fuse_in_header")
     length, opcode, unique, nodeid, uid, gid, pid, _extlen, _pad = IN_HEADER.unpack_from(buf)
     if length != len(buf):
         raise ProtocolError(f"header says {length} bytes, read returned {len(buf)}")
+    if unique == 0:
+        # fs/fuse never numbers a request 0: a reply with unique 0 is a notification.
+        raise ProtocolError("request with unique 0")
     h = InHeader(length, opcode, unique, nodeid, uid, gid, pid)
     body = bytes(buf[IN_HEADER.size :])
 
