@@ -131,3 +131,74 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def _late(rsp: bytes) -> bytes:
+    import time
+
+    time.sleep(2.3)  # GetRandom's duration is 2 s
+    return rsp
+
+
+#: What a broken transport hands back instead of GetRandom(8)'s 20-byte answer, and the errno
+#: the kernel's tpm_try_transmit() gives for it (a stream cannot tell a short answer from a
+#: late one: both wait for the header's size, then ETIME).
+MISBEHAVIOUR = {
+    "no-answer": (lambda rsp: None, errno.ETIME),
+    "late": (_late, errno.ETIME),
+    "truncated": (lambda rsp: rsp[:8], errno.ETIME),
+    "size-too-big": (lambda rsp: rsp[:2] + (30).to_bytes(4, "big") + rsp[6:], errno.ETIME),
+    "size-too-small": (lambda rsp: rsp[:2] + (12).to_bytes(4, "big") + rsp[6:], errno.EFAULT),
+    "garbage-header": (lambda rsp: bytes.fromhex("dead00000000beef") + rsp[8:], errno.EFAULT),
+    "oversized": (lambda rsp: rsp[:2] + (5000).to_bytes(4, "big") + rsp[6:] + bytes(5000 - len(rsp)), errno.EIO),
+}
+
+
+@pytest.mark.parametrize(
+    "kind,keyed",
+    [(k, False) for k in sorted(MISBEHAVIOUR)]
+    # ContextLoad's duration is the default 120 s: only answers that fail at once, here.
+    + [(k, True) for k in ("garbage-header", "oversized", "size-too-small")],
+)
+def test_a_misbehaving_backend_gets_the_kernels_errno_and_spares_other_files(daemon, tmp_path, kind, keyed):
+    """A file with an empty space gets the errno of tpm_try_transmit() for its command; one
+    holding a key gets EFAULT, because the broken answer is its key's ContextLoad's
+    (tpm2_load_context(): any system error is EFAULT).  What the TPM loaded meanwhile is
+    flushed; the other file is untouched; the stream is in step again."""
+    import os
+
+    from conftest import HR_LOADED_SESSION, HR_SAVED_SESSION, HR_TRANSIENT, get_cap_handles
+    from cusetpm.testing.relay import FlakyRelay, SwtpmMux
+    from helpers import create_primary, get_random, rc, read_public
+
+    def cmd(fd: int, data: bytes) -> bytes:
+        assert os.write(fd, data) == len(data)
+        return os.read(fd, 4096)
+
+    mux = SwtpmMux(tmp_path / "swtpm")
+    relay = FlakyRelay(mux.port)
+    try:
+        d = daemon(extra_args=["--tcti", f"swtpm:host=127.0.0.1,port={relay.port}"])
+        bystander, victim = os.open(d.node, os.O_RDWR), os.open(d.node, os.O_RDWR)
+        assert rc(cmd(bystander, create_primary())) == 0
+        if keyed:
+            assert rc(cmd(victim, create_primary())) == 0
+        rewrite, code = MISBEHAVIOUR[kind]
+        relay.rewrite_next_response(rewrite)
+        with pytest.raises(OSError) as exc:
+            cmd(victim, get_random())
+        assert exc.value.errno == (errno.EFAULT if keyed else code)
+        # The victim's key reloads from its space, as the kernel's would (its saved context
+        # stays in the space); the bystander's too.
+        for fd in (victim, bystander) if keyed else (victim,):
+            assert rc(cmd(fd, get_random())) == 0
+        for fd in (victim, bystander) if keyed else (bystander,):
+            assert rc(cmd(fd, read_public(0x80FFFFFF))) == 0
+        os.close(bystander)
+        os.close(victim)
+        assert d.served.proc.poll() is None
+        for first in (HR_TRANSIENT, HR_LOADED_SESSION, HR_SAVED_SESSION):
+            assert get_cap_handles(mux.transact, first) == [], d.log()
+    finally:
+        relay.close()
+        mux.close()

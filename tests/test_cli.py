@@ -101,6 +101,56 @@ def test_stop_with_a_client_still_open_flushes_its_sessions(daemon: StartDaemon,
     assert "Traceback" not in d.log()
 
 
+def test_sigterm_with_50_busy_files_flushes_every_session_and_exits_0(daemon: StartDaemon) -> None:
+    """50 clients each holding a session and looping commands when SIGTERM comes."""
+    import contextlib
+    import threading
+
+    from helpers import get_random, start_auth_session
+
+    d = daemon(inspectable=True)
+    ready, stop = threading.Barrier(51), threading.Event()
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        fd = os.open(d.node, os.O_RDWR)
+        try:
+            os.write(fd, start_auth_session())
+            assert os.read(fd, 4096)[6:10] == bytes(4)
+            ready.wait()
+            while not stop.is_set():
+                os.write(fd, get_random())
+                os.read(fd, 4096)
+        except OSError:
+            pass  # the node went away under it: the point of the test
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            with contextlib.suppress(OSError):  # ENOTCONN: the mount is gone
+                os.close(fd)
+
+    threads = [threading.Thread(target=client) for _ in range(50)]
+    for t in threads:
+        t.start()
+    ready.wait(timeout=60)
+    for _ in range(100):  # loaded and saved are two queries: a command in flight may move one between
+        busy = swtpm_backend_handles(d)
+        if len(busy.saved_sessions) + len(busy.loaded_sessions) == 50:
+            break
+    else:
+        raise AssertionError(f"not 50 sessions in the TPM: {busy}")
+    try:
+        assert d.stop(signal.SIGTERM) == 0, d.log()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert not mounted(d.mount) and not d.node.exists()
+    assert swtpm_backend_handles(d) == BackendHandles([], [], [])
+    assert "Traceback" not in d.log()
+
+
 def test_tcti_against_a_swtpm_started_by_the_test(daemon: StartDaemon, tmp_path: Path) -> None:
     swtpm = Swtpm.start(tmp_path / "own-swtpm")
     try:

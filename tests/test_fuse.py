@@ -54,3 +54,35 @@ def test_open_passes_who_opened_to_the_node(tmp_path):
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def _mounts(path: str) -> int:
+    with open("/proc/self/mounts") as f:
+        return sum(line.split()[1] == path for line in f)
+
+
+def test_a_dead_mount_left_by_kill_9_is_replaced_not_stacked(tmp_path):
+    import os
+    import signal
+
+    from cusetpm.testing.daemon import start_serve, unmount
+
+    mnt = tmp_path / "mnt"
+    args = ["--fuse", str(mnt), "--state-dir", str(tmp_path / "state")]
+    first = start_serve(args, log_path=tmp_path / "log1", mount=mnt)
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    try:
+        with pytest.raises(OSError) as dead:
+            os.statvfs(mnt)
+        assert dead.value.errno == errno.ENOTCONN
+        second = start_serve(args, log_path=tmp_path / "log2", mount=mnt)
+        assert _mounts(str(mnt)) == 1 and "a dead FUSE mount" in second.log()
+        fd = os.open(mnt / "tpmrm0", os.O_RDWR)
+        os.write(fd, bytes.fromhex("80010000000c0000017b0008"))
+        assert len(os.read(fd, 4096)) == 20
+        os.close(fd)
+        assert second.stop() == 0
+        assert _mounts(str(mnt)) == 0
+    finally:
+        unmount(mnt)

@@ -5,6 +5,7 @@ wake-ups, the timer, close."""
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 import trio
@@ -232,3 +233,63 @@ async def test_expired_timer_behind_a_busy_lock_queues_one_timeout(dev):
         assert rc(await cmd(f, get_random())) == 0
     finally:
         tpm_dev_common.USER_READ_TIMEOUT = saved
+
+
+#: A client that holds a session and a key, sends ``LAST`` and waits to be killed.
+_KILLED_CLIENT = r"""
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from helpers import create_primary, start_auth_session, command, u32, PW_AUTH
+from tpm2_pytss.types import TPM2B_PUBLIC
+fd = os.open(sys.argv[1], os.O_RDWR)
+for c in (start_auth_session(), create_primary()):
+    os.write(fd, c); assert os.read(fd, 4096)[6:10] == bytes(4)
+if sys.argv[3] == "rsa3072":
+    rsa = TPM2B_PUBLIC.parse("rsa3072", objectAttributes="userwithauth|decrypt|restricted|fixedtpm|fixedparent|sensitivedataorigin").marshal()
+    last = command(0x131, u32(0x40000001) + PW_AUTH + b"\x00\x04\x00\x00\x00\x00" + rsa + b"\x00\x00" + u32(0), tag=0x8002)
+else:
+    last = bytes.fromhex("80010000000c0000017b0008")
+print("sending", flush=True)
+os.write(fd, last)
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("last", ["getrandom", "rsa3072"], ids=["between-write-and-read", "during-rsa3072"])
+def test_a_client_killed_mid_command_leaves_nothing_in_the_tpm(daemon, last):
+    """SIGKILL after write() (a fast command, or during a slow RSA-3072 CreatePrimary): the
+    command completes, then the file's session and objects are flushed."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import BackendHandles, settled_backend_handles
+
+    d = daemon(inspectable=True)
+    here = str(Path(__file__).parent)
+    inside = 0
+    for _ in range(10 if last == "rsa3072" else 1):
+        client = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_CLIENT, str(d.node), here, last],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert client.stdout is not None and client.stdout.readline() == "sending\n"
+            if last != "rsa3072":
+                assert client.stdout.readline() == "sent\n"
+            client.send_signal(signal.SIGKILL)
+        finally:
+            client.wait(30)
+        inside += client.stdout.read() == ""  # killed inside write(): the key was still being made
+        if inside:
+            break
+    assert last != "rsa3072" or inside, "RSA-3072 key generation never outlasted the kill"
+    assert settled_backend_handles(d, quiet=0.5, timeout=120) == BackendHandles([], [], [])
+    fd = os.open(d.node, os.O_RDWR)  # the daemon still serves
+    try:
+        os.write(fd, get_random())
+        assert rc(os.read(fd, 4096)) == 0
+    finally:
+        os.close(fd)

@@ -3,8 +3,8 @@
 
 ``transmit(data, timeout)`` sends one command and returns the whole response, or a negative
 errno as a kernel TPM driver would report it: ``-ETIME`` when the TPM does not answer within
-the command's duration, ``-EPIPE`` when the TPM has gone away, ``-EIO`` for other transport
-failures.  Nothing a backend does blocks the event loop.
+the command's duration, ``-EPIPE`` when the TPM has gone away (the daemon then calls
+``reconnect()`` until it is back), ``-EIO`` for other transport failures.  Nothing a backend does blocks the event loop.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ class Backend(Protocol):
     commands_sent: int
 
     async def transmit(self, data: bytes, timeout: float) -> bytes | int: ...
+
+    async def reconnect(self) -> None:
+        """After ``-EPIPE``: reach the TPM again (a managed swtpm that died is started again
+        on its state).  Raises :class:`BackendError` while it cannot."""
+        ...
 
     async def aclose(self) -> None: ...
 

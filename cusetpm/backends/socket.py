@@ -56,7 +56,12 @@ class SocketBackend:
             with trio.fail_after(timeout):
                 if self._sock is None:
                     await self.connect()
-                return await self._exchange(data)
+                rsp = await self._exchange(data)
+            if len(rsp) != be32(rsp, 2):
+                # More bytes than the header's size (or a size below the header's): whatever
+                # follows on the stream is not the next response.  Start a new connection.
+                self._drop()
+            return rsp
         except trio.TooSlowError:
             # The late answer would desynchronize the stream: start a new connection.
             self._drop()
@@ -93,6 +98,10 @@ class SocketBackend:
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
             self._sock = None
+
+    async def reconnect(self) -> None:
+        self._drop()
+        await self.connect()
 
     async def aclose(self) -> None:
         self._drop()

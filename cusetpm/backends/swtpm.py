@@ -80,8 +80,65 @@ def swtpm_argv(
     return argv + list(extra)
 
 
+class ManagedSwtpm(SocketBackend):
+    """A swtpm the daemon started, and starts again on the same state if it dies.
+
+    The restart is what a power cycle is to a real TPM: the daemon's recovery
+    (:mod:`cusetpm.daemon.recovery`) sees a TPM waiting for Startup and starts a new epoch.
+    """
+
+    def __init__(self, exe: str, state: Path) -> None:
+        super().__init__("127.0.0.1", 0)
+        self.exe = exe
+        self.state = state
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: How many times swtpm had to be started again.
+        self.restarts = 0
+
+    async def start(self, attempts: int = 5) -> None:
+        for attempt in range(attempts):
+            self.port = free_port_pair()
+            proc = subprocess.Popen(
+                swtpm_argv(self.state, self.port, exe=self.exe),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent,
+            )
+            try:
+                await _wait_connect(self, proc)
+            except BackendError:
+                await _stop(proc)
+                if attempt == attempts - 1:
+                    raise
+                continue
+            self.proc = proc
+            log.info("started swtpm (pid %d) on 127.0.0.1:%d, state in %s", proc.pid, self.port, self.state)
+            return
+
+    async def reconnect(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            await super().reconnect()  # swtpm lives: only the connection was lost
+            return
+        self._drop()
+        if proc is not None:
+            log.warning("swtpm (pid %d) exited with status %s; starting it again", proc.pid, proc.returncode)
+            if proc.stderr:
+                proc.stderr.close()
+        self.proc = None
+        self.restarts += 1
+        await self.start(attempts=1)
+
+    async def stop(self) -> None:
+        await self.aclose()
+        if self.proc is not None:
+            await _stop(self.proc)
+            self.proc = None
+
+
 @contextlib.asynccontextmanager
-async def managed_swtpm(state_dir: Path | None = None) -> AsyncIterator[SocketBackend]:
+async def managed_swtpm(state_dir: Path | None = None) -> AsyncIterator[ManagedSwtpm]:
     """Start swtpm on free loopback ports, connect, stop it on exit.
 
     The chip registration (:meth:`cusetpm.daemon.chip.TpmChip.register`) then sends SelfTest
@@ -92,32 +149,13 @@ async def managed_swtpm(state_dir: Path | None = None) -> AsyncIterator[SocketBa
         raise BackendError("swtpm is not installed (Debian package 'swtpm'); or pass --tcti")
     state = Path(state_dir) if state_dir else default_state_dir()
     state.mkdir(parents=True, exist_ok=True)
-    for attempt in range(5):
-        port = free_port_pair()
-        argv = swtpm_argv(state, port, exe=exe)
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
-        )
-        backend = SocketBackend("127.0.0.1", port)
-        try:
-            await _wait_connect(backend, proc)
-        except BackendError:
-            await _stop(proc)
-            if attempt == 4:
-                raise
-            continue
-        log.info("started swtpm (pid %d) on 127.0.0.1:%d, state in %s", proc.pid, port, state)
-        try:
-            yield backend
-        finally:
-            with trio.CancelScope(shield=True):
-                await backend.aclose()
-                await _stop(proc)
-        return
+    backend = ManagedSwtpm(exe, state)
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        with trio.CancelScope(shield=True):
+            await backend.stop()
 
 
 def _die_with_parent() -> None:

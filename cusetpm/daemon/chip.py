@@ -12,6 +12,7 @@ cancellation: an interrupted syscall never leaves a space half-loaded.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar, assert_never
@@ -19,16 +20,28 @@ from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar, assert_never
 import trio
 
 from ..backends.base import Backend
-from ..kernel.profiles import KernelProfile
+from ..kernel import wire
+from ..kernel.profiles import PROFILES, KernelProfile
 from ..kernel.request import Io, Reply, Send, Sleep, Wait
-from ..kernel.structs import Chip
+from ..kernel.structs import Chip, Space
 from ..kernel.tpm2_cmd import auto_startup
+from ..kernel.tpm_dev_common import release_space
+from ..kernel.wire import be32
+from .recovery import TpmIdentity, flush_leftovers, read_identity
+
+#: The profile of the chip's own commands (registration, recovery): they do not depend on it.
+DEFAULT_CORE_PROFILE = PROFILES["6.12"]
 
 if TYPE_CHECKING:
     from .node import DeviceFile
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _unusable(rsp: bytes) -> bool:
+    """An answer tpm_try_transmit() refuses (EFAULT, EIO): short, mis-sized, oversized."""
+    return not wire.TPM_HEADER_SIZE <= len(rsp) <= wire.TPM_BUFSIZE or len(rsp) != be32(rsp, 2)
 
 
 class TpmChip:
@@ -49,6 +62,18 @@ class TpmChip:
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
         self._work_send, self._work_recv = trio.open_memory_channel["DeviceFile"](math.inf)
+        #: Which TPM the open files' spaces belong to: a file opened in another epoch gets
+        #: EPIPE (:mod:`.recovery`).  Bumped each time the TPM turns out to have restarted.
+        self.epoch = 0
+        #: How many times the backend's transport failed / the TPM had restarted.
+        self.reconnects = 0
+        self.restarts = 0
+        self.identity: TpmIdentity | None = None
+        self._transport_lost = False
+        self._fault = False
+        self._recovering = False
+        #: Files closed while the TPM was unreachable: flushed if it comes back the same.
+        self._orphans: list[tuple[Chip, Space]] = []
 
     def core(self, profile: KernelProfile) -> Chip:
         """A core chip as one kernel profile sees this TPM (a node has one); it gets the
@@ -70,6 +95,11 @@ class TpmChip:
                 match req:
                     case Send():
                         reply = await transmit(req.data, req.timeout)
+                        if isinstance(reply, int) or _unusable(reply):
+                            # No answer, or one the kernel will refuse: what the TPM did
+                            # meanwhile is unknown (see _flush_after_fault).
+                            self._transport_lost |= reply == -errno.EPIPE
+                            self._fault = True
                     case Sleep():
                         await trio.sleep(req.seconds)
                         reply = None
@@ -104,27 +134,135 @@ class TpmChip:
         """Run one user command (or close) under the chip lock, shielded: once a command has
         started, its space must be saved or flushed."""
         with trio.CancelScope(shield=True):
-            try:
-                self.lock.acquire_nowait()
-            except trio.WouldBlock:
-                await self.lock.acquire()
+            await self._take_lock()
             try:
                 result = await self.run(gen, core)
+                await self._flush_after_fault()
             finally:
                 self.lock.release()
+                if self._transport_lost and not self._recovering:
+                    self._lose_tpm()
+        return result
+
+    async def _flush_after_fault(self) -> None:
+        """After a command whose answer was lost or unusable (ETIME, EIO, EFAULT from the
+        transport), the TPM may hold what the kernel's error path could not know of: a
+        context its ContextLoad loaded, an object its CreatePrimary made.  Between commands
+        nothing is loaded (.recovery.flush_leftovers), so flush what is; only on such faults,
+        so the TPM traffic of every sound command stays the kernel's."""
+        if not self._fault or self._recovering:
+            return
+        self._fault = False
+        if not self._transport_lost:
+            flushed = await self.run(flush_leftovers(), Chip(DEFAULT_CORE_PROFILE))
+            if flushed:
+                log.warning("flushed %d handles left in the TPM by a command whose answer was lost", flushed)
+
+    async def _take_lock(self) -> None:
+        """The uncontended case costs no checkpoint (this is on every command's path)."""
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+
+    async def file_command(self, gen: Io[int], core: Chip, f: DeviceFile) -> int:
+        """:meth:`command` for a file's command: checked again under the lock, because the
+        TPM may have gone, or restarted, while the file waited for it."""
+        with trio.CancelScope(shield=True):
+            await self._take_lock()
+            try:
+                if not self.usable_by(f):
+                    gen.close()
+                    result = -errno.EPIPE
+                else:
+                    result = await self.run(gen, core)
+                    await self._flush_after_fault()
+            finally:
+                self.lock.release()
+                if self._transport_lost and not self._recovering:
+                    self._lose_tpm()
         return result
 
     async def register(self) -> None:
         """tpm_chip_register()'s auto-startup: self test, Startup, command table.  The
         table does not depend on the profile; 6.12's is used to read it."""
-        from ..kernel.profiles import PROFILES
-
-        probe = Chip(PROFILES["6.12"])
+        probe = Chip(DEFAULT_CORE_PROFILE)
         await self.command(auto_startup(probe), probe)
         self.cc_attrs_tbl = probe.cc_attrs_tbl
         for core in self._cores:
             core.set_cc_attrs(self.cc_attrs_tbl)
+        self.identity = await self.command(read_identity(trio.current_time()), probe)
         self.available = True
+
+    # --- a backend that went away (see .recovery) ----------------------------------------
+
+    def usable_by(self, f: DeviceFile) -> bool:
+        """May ``f`` send commands?  Not while the TPM is unreachable, and never again if
+        the TPM restarted since ``f`` was opened (its space refers to the old TPM)."""
+        if f.epoch is None and self.available:
+            f.epoch = self.epoch  # opened while the TPM was away: it belongs to this one
+        return self.available and f.epoch == self.epoch
+
+    async def file_release(self, f: DeviceFile) -> None:
+        """tpmrm_release()'s flush of ``f``'s sessions, decided under the lock: on the TPM
+        the file belongs to; kept for later while that TPM is unreachable; nothing at all
+        once the TPM has restarted (its handles would name the new TPM's sessions)."""
+        core, space = f.node.core, f.state.space
+        with trio.CancelScope(shield=True):
+            await self._take_lock()
+            try:
+                if self.usable_by(f):
+                    await self.run(release_space(core, space), core)
+                elif f.epoch == self.epoch and self._recovering:
+                    self._orphans.append((core, space))
+            finally:
+                self.lock.release()
+                if self._transport_lost and not self._recovering:
+                    self._lose_tpm()
+
+    def _lose_tpm(self) -> None:
+        self._transport_lost = False
+        if self._nursery is None:
+            return
+        self.available = False
+        self._recovering = True
+        self.reconnects += 1
+        log.warning("lost the connection to the TPM; reconnecting")
+        self._nursery.start_soon(self._recover)
+
+    async def _recover(self) -> None:
+        """Reconnect with back-off until the TPM answers, then either carry on (the same
+        TPM: flush what the cut-short command left loaded, then the orphans) or start a new
+        epoch (a restarted TPM: auto-startup again; every file opened before gets EPIPE)."""
+        delay = 0.05
+        probe = Chip(DEFAULT_CORE_PROFILE)
+        while True:
+            try:
+                await self.backend.reconnect()
+                self._transport_lost = False
+                ident = await self.command(read_identity(trio.current_time()), probe)
+                same = ident is not None and self.identity is not None and ident.same_as(self.identity)
+                if same and not self._transport_lost:
+                    flushed = await self.command(flush_leftovers(), probe)
+                    for core, space in self._orphans:
+                        await self.command(release_space(core, space), core)
+                    log.warning("the TPM is back, the same TPM (%d handles of the cut-short command flushed)", flushed)
+                elif not self._transport_lost:
+                    self.available = False
+                    await self.register()
+                    self.available = False
+                    self.epoch += 1
+                    self.restarts += 1
+                    log.warning("the TPM was restarted: files opened before now get EPIPE (epoch %d)", self.epoch)
+                if not self._transport_lost:
+                    break
+            except Exception as exc:  # the TPM is not back yet (or its start-up failed): again
+                log.info("the TPM is not back yet: %s", exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        self._orphans.clear()
+        self.available = True
+        self._recovering = False
 
     def queue_work(self, f: DeviceFile) -> None:
         """Queue an O_NONBLOCK command (queue_work(tpm_dev_wq, ...)).  One worker task runs

@@ -20,7 +20,7 @@ import trio
 
 from ..kernel.profiles import KernelProfile
 from ..kernel.seam import Seam
-from ..kernel.tpm_dev_common import FileState, release_space, tpm_dev_transmit
+from ..kernel.tpm_dev_common import FileState, tpm_dev_transmit
 from .chip import TpmChip
 from .recorder import Recorder
 
@@ -84,6 +84,8 @@ class DeviceFile:
         #: The timer has fired and timeout_work is queued for this file.
         self.timeout_queued = False
         self.closed = False
+        #: The TPM epoch this file's space belongs to (None: opened while the TPM was away).
+        self.epoch: int | None = self.chip.epoch if self.chip.available else None
 
     def _wake(self) -> None:
         """wake_up_interruptible(&priv->async_wait): each poll waiter once."""
@@ -106,8 +108,8 @@ class DeviceFile:
                 await self.lock.acquire()
 
     async def _transmit(self) -> int:
-        return await self.chip.command(
-            tpm_dev_transmit(self.node.core, self.state.space, self.state.buf), self.node.core
+        return await self.chip.file_command(
+            tpm_dev_transmit(self.node.core, self.state.space, self.state.buf), self.node.core, self
         )
 
     async def write(self, data: bytes, nonblock: bool) -> int:
@@ -126,7 +128,7 @@ class DeviceFile:
                 self.chip.queue_work(self)
                 handed_over = True
                 return len(data)
-            FileState.check_chip(self.chip.available)
+            FileState.check_chip(self.chip.usable_by(self))
             result = await self._transmit()
             size = self.state.command_finished(result, len(data), trio.current_time())
             self._arm_timer()
@@ -143,7 +145,7 @@ class DeviceFile:
         assert self._work_done is not None
         done = self._work_done
         try:
-            if not self.chip.available:
+            if not self.chip.usable_by(self):
                 self.state.async_chip_gone()
             else:
                 result = await self._transmit()
@@ -202,5 +204,4 @@ class DeviceFile:
             self.state.deadline = None
             self.node.files.discard(self)
             self.chip.files.discard(self)
-            if self.chip.available:
-                await self.chip.command(release_space(self.node.core, self.state.space), self.node.core)
+            await self.chip.file_release(self)

@@ -147,6 +147,18 @@ class TpmFuse(pyfuse3.Operations):
             await f.release()
 
 
+async def unmount_dead(mountpoint: str) -> None:
+    """A daemon killed with SIGKILL leaves its mount behind, answering ENOTCONN; lazily
+    unmount it so that the new mount does not stack on a dead one."""
+    try:
+        os.statvfs(mountpoint)  # stat() may be answered from the attribute cache; statfs never is
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return
+        log.warning("%s: a dead FUSE mount (a killed daemon's?); unmounting it", mountpoint)
+        await trio.run_process(["fusermount3", "-u", "-z", mountpoint], check=False)
+
+
 async def serve_fuse(
     node: Node,
     mountpoint: str,
@@ -165,6 +177,7 @@ async def serve_fuse(
     options |= {"fsname=cusetpm", "subtype=cusetpm", "default_permissions"}
     if os.getuid() == 0:
         options.add("allow_other")
+    await unmount_dead(mountpoint)
     os.makedirs(mountpoint, exist_ok=True)
     pyfuse3.init(ops, mountpoint, options)
     try:

@@ -220,3 +220,83 @@ class CountingRelay:
             socks, self._socks = self._socks, []
         for s in socks:
             _shut(s)
+
+
+class FlakyRelay:
+    """A byte-for-byte TCP relay to 127.0.0.1:``target`` that can fail on purpose.
+
+    :meth:`cut_next_response` forwards only the first few bytes of the next response and then
+    closes both connections (a TPM transport that dies mid-response); ``target`` may be
+    changed at any time (a TPM restarted elsewhere); :meth:`drop` closes what is open now.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=8)
+        self.port: int = self._listener.getsockname()[1]
+        self._cut: int | None = None
+        self._rewrite: Callable[[bytes], bytes | None] | None = None
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_next_response(self, after: int = 4) -> None:
+        with self._lock:
+            self._cut = after
+
+    def rewrite_next_response(self, fn: Callable[[bytes], bytes | None]) -> None:
+        """Send ``fn(response)`` instead of the next whole response (None: send nothing)."""
+        with self._lock:
+            self._rewrite = fn
+
+    def drop(self) -> None:
+        with self._lock:
+            socks, self._open = self._open, []
+        for s in socks:
+            _shut(s)
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=30)
+            except OSError:
+                conn.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open += [conn, upstream]
+            threading.Thread(target=self._pump, args=(conn, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, conn, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, responses: bool) -> None:
+        try:
+            while chunk := src.recv(65536):
+                with self._lock:
+                    cut, self._cut = (self._cut, None) if responses else (None, self._cut)
+                    rewrite, self._rewrite = (self._rewrite, None) if responses else (None, self._rewrite)
+                if cut is not None:
+                    dst.sendall(chunk[:cut])
+                    break
+                if rewrite is not None:
+                    size = struct.unpack(">I", chunk[2:6])[0] if len(chunk) >= 6 else 0
+                    if len(chunk) < size:
+                        chunk += _recv_exact(src, size - len(chunk))
+                    out = rewrite(chunk)
+                    if out is not None:
+                        dst.sendall(out)
+                    continue
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            _shut(s)
+
+    def close(self) -> None:
+        self._closing = True
+        _shut(self._listener)
+        self.drop()
