@@ -11,7 +11,11 @@ FUZZ_INPUTS ?= 1000000
 HOSTILE_N ?= 100000
 FUZZ_EXAMPLES ?= 1000
 
-.PHONY: install run test fuzz bench clean
+# make soak: seconds of the 256-file load, kill cycles.
+SOAK_SECONDS ?= 60
+SOAK_CYCLES ?= 10000
+
+.PHONY: install run test fuzz soak bench clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +37,12 @@ fuzz: install
 	$(PY) scripts/fuzz.py --inputs $(FUZZ_INPUTS)
 	CUSETPM_HOSTILE_N=$(HOSTILE_N) CUSETPM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider \
 		tests/test_hostile_node.py tests/test_fuzz_core.py tests/test_fuzz_cuse_proto.py
+
+# The long load runs (issue 10, and the soak-marked tests); each prints its figures.
+soak: install
+	CUSETPM_SOAK_SECONDS=$(SOAK_SECONDS) CUSETPM_SOAK_CYCLES=$(SOAK_CYCLES) $(PY) -m pytest -q -s -p no:cacheprovider \
+		tests/test_load.py
+	$(PY) -m pytest -q -s -p no:cacheprovider -m soak
 
 bench: install
 	$(PY) scripts/bench.py

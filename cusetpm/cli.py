@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--major", type=int, default=0, help="CUSE device major (default: the kernel picks)")
     serve.add_argument("--minor", type=int, default=0, help="CUSE device minor")
     serve.add_argument("--mode", default="0660", help="file mode of the node (octal, default 0660)")
-    serve.add_argument("--owner", help="owner of the CUSE node (user name or uid)")
-    serve.add_argument("--group", help="group of the CUSE node (group name or gid)")
+    serve.add_argument("--owner", help="owner of the node (user name or uid; default: the daemon's)")
+    serve.add_argument("--group", help="group of the node (group name or gid; default: the daemon's)")
     serve.add_argument(
         "--kernel", default=DEFAULT_PROFILE, choices=sorted(PROFILES), help="kernel behaviour to reproduce"
     )
@@ -127,7 +127,9 @@ async def serve(args: argparse.Namespace) -> int:
 
                     node = Node(chip, profile, args.name or "tpmrm0")
                     path = os.path.join(os.path.abspath(where), node.name)
-                    await nursery.start(functools.partial(serve_fuse, node, where, name=node.name, mode=mode))
+                    await nursery.start(functools.partial(
+                        serve_fuse, node, where, name=node.name, mode=mode,
+                        owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
                 print(f"cusetpm: serving {path} ({kind.upper()}, kernel {profile.name})", flush=True)
                 print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
                 if args.ready_fd is not None:

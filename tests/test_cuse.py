@@ -354,3 +354,46 @@ def test_signals_leave_the_tpm_node_consistent() -> None:
     )
     result = run_in_guest("6.12", script, timeout=600)
     assert result.returncode == 0 and "OK " in result.output, result.output + result.console[-2000:]
+
+
+@pytest.mark.guest
+def test_mode_owner_and_group_decide_who_may_open_the_cuse_node(tmp_path: Path) -> None:
+    """In a 6.12 guest: /dev/NAME gets --mode/--owner/--group, and the kernel checks them,
+    so ``nobody`` gets EACCES unless the node lets it in."""
+    from cusetpm.rig import run_in_guest
+
+    client = tmp_path / "client.py"
+    client.write_text(
+        "import errno, os, sys\n"
+        "try:\n"
+        "    fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "    os.write(fd, bytes.fromhex('80010000000c0000017b0008'))\n"
+        "    print('got', len(os.read(fd, 4096)))\n"
+        "except OSError as exc:\n"
+        "    print('got', errno.errorcode[exc.errno])\n"
+    )
+    runs = [
+        ("p0", ""),
+        ("p1", "--owner nobody --mode 0600"),
+        ("p2", "--group nogroup"),
+        ("p3", "--group nogroup --mode 0600"),
+    ]
+    script = f"cp {client} /tmp/client.py && chmod 644 /tmp/client.py; "  # nobody cannot reach tmp_path
+    for name, opts in runs:
+        script += (
+            f"rm -f /tmp/ready; {sys.executable} -m cusetpm serve --cuse {name} {opts} --state-dir /tmp/st-{name} "
+            f"--ready-fd 3 3>/tmp/ready >/tmp/{name}.log 2>&1 & "
+            "for i in $(seq 150); do [ -s /tmp/ready ] && break; sleep 0.2; done; "
+            f"echo {name} $(stat -c '%a %U %G' /dev/{name}) "
+            f"$(setpriv --reuid=nobody --regid=nogroup --clear-groups {sys.executable} /tmp/client.py /dev/{name}); "
+            "kill -TERM $!; wait; "
+        )
+    result = run_in_guest("6.12", script, timeout=600, share=str(tmp_path))
+    assert result.returncode == 0, result.output
+    for line in (
+        "p0 660 root root got EACCES",
+        "p1 600 nobody root got 20",
+        "p2 660 root nogroup got 20",
+        "p3 600 root nogroup got EACCES",
+    ):
+        assert line in result.output, result.output

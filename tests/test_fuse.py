@@ -86,3 +86,55 @@ def test_a_dead_mount_left_by_kill_9_is_replaced_not_stacked(tmp_path):
         assert _mounts(str(mnt)) == 0
     finally:
         unmount(mnt)
+
+
+_CLIENT = (
+    "import errno, os, sys\n"
+    "try:\n"
+    "    fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "    os.write(fd, bytes.fromhex('80010000000c0000017b0008'))\n"
+    "    print(len(os.read(fd, 4096)))\n"
+    "except OSError as exc:\n"
+    "    print(errno.errorcode[exc.errno])\n"
+)
+
+
+@pytest.mark.parametrize(
+    "options,nobody_gets",
+    [
+        ([], "EACCES"),  # 0660 root:root
+        (["--owner", "nobody"], "20"),
+        (["--group", "nogroup"], "20"),
+        (["--group", "nogroup", "--mode", "0600"], "EACCES"),
+        (["--mode", "0666"], "20"),
+    ],
+)
+def test_mode_owner_and_group_decide_who_may_open_the_fuse_file(tmp_path, options, nobody_gets):
+    """Checked by the kernel (default_permissions) against the file's mode, owner and group;
+    a client run as ``nobody`` with setpriv."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from cusetpm.testing.daemon import start_serve, unmount
+
+    assert os.getuid() == 0, "this test needs root: it serves to another user (allow_other) and runs a client as nobody"
+    base = tempfile.mkdtemp(prefix="cusetpm-perm-", dir="/tmp")
+    os.chmod(base, 0o755)  # nobody must reach the mount point
+    mnt = os.path.join(base, "mnt")
+    served = start_serve(["--fuse", mnt, "--state-dir", str(tmp_path / "state"), *options], log_path=tmp_path / "log")
+    try:
+        node = os.path.join(mnt, "tpmrm0")
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c", _CLIENT]
+        got = subprocess.run([*as_nobody, node], capture_output=True, text=True, timeout=30, cwd="/")
+        assert got.stdout.strip() == nobody_gets, got.stderr
+        root = subprocess.run([sys.executable, "-c", _CLIENT, node], capture_output=True, text=True, timeout=30)
+        assert root.stdout.strip() == "20"  # the daemon's user always may
+        st = os.stat(node)
+        assert (st.st_uid == 65534) == ("nobody" in options) and (st.st_gid == 65534) == ("nogroup" in options)
+    finally:
+        assert served.stop() == 0
+        unmount(mnt)
+        os.rmdir(mnt)
+        os.rmdir(base)

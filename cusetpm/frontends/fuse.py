@@ -59,11 +59,17 @@ class TpmFuse(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, node: Node, name: str = "tpmrm0", mode: int = 0o660) -> None:
+    def __init__(
+        self, node: Node, name: str = "tpmrm0", mode: int = 0o660, owner: int | None = None, group: int | None = None
+    ) -> None:
         super().__init__()
         self.node = node
         self.name = name.encode()
         self.mode = mode
+        #: The file's owner and group (default: the daemon's); the kernel checks them against
+        #: ``mode`` itself (``default_permissions``), so a client without access gets EACCES.
+        self.owner = os.getuid() if owner is None else owner
+        self.group = os.getgid() if group is None else group
         self.files: dict[int, tuple[DeviceFile, bool]] = {}
         self._next_fh = 1
 
@@ -76,8 +82,8 @@ class TpmFuse(pyfuse3.Operations):
         else:
             attr.st_mode = stat.S_IFREG | self.mode
             attr.st_nlink = 1
-        attr.st_uid = os.getuid()
-        attr.st_gid = os.getgid()
+        attr.st_uid = self.owner if inode != pyfuse3.ROOT_INODE else os.getuid()
+        attr.st_gid = self.group if inode != pyfuse3.ROOT_INODE else os.getgid()
         attr.st_size = 0
         attr.attr_timeout = 3600
         attr.entry_timeout = 3600
@@ -165,13 +171,15 @@ async def serve_fuse(
     *,
     name: str = "tpmrm0",
     mode: int = 0o660,
+    owner: int | None = None,
+    group: int | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``mountpoint`` and serve until cancelled; then unmount.
 
     ``task_status.started()`` is called once the file can be opened.
     """
-    ops = TpmFuse(node, name, mode)
+    ops = TpmFuse(node, name, mode, owner, group)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {"fsname=cusetpm", "subtype=cusetpm", "default_permissions"}
