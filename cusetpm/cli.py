@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +18,9 @@ import trio
 
 from .backends import BackendError, open_backend
 from .daemon import Node, TpmChip
+from .daemon.control import serve_control
 from .kernel.profiles import DEFAULT_PROFILE, PROFILES, get_profile
+from .kernel.seam import Seam
 from .kernel.tpm2_cmd import ChipInitError
 
 log = logging.getLogger("cusetpm")
@@ -47,15 +51,82 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-fd", type=int, metavar="N",
         help="once the node serves, write its path and a newline to file descriptor N and close it",
     )  # fmt: skip
+    add_session_options(serve)
+    serve.add_argument(
+        "--control", metavar="PATH", default=None,
+        help="the control socket `cusetpm status` asks (mode 0600; default: cusetpm/control.sock in the "
+        "runtime dir, /run/cusetpm/control.sock for root); 'off': none",
+    )  # fmt: skip
     serve.add_argument("-v", "--verbose", action="count", default=0)
     # Only the parser: the harness itself is imported when `conformance` runs.
     from .conformance.cli import add_conformance_parser
 
     add_conformance_parser(sub)
+    from .status import add_parser as add_status_parser
+
+    add_status_parser(sub)
     from .record import add_parsers as add_record_parsers
 
     add_record_parsers(sub)
     return parser
+
+
+def add_session_options(serve: argparse.ArgumentParser) -> None:
+    """``--sessions`` and its settings (issue 7); kernel, the default, installs no seam."""
+    serve.add_argument(
+        "--sessions", choices=("kernel", "global"), default="kernel",
+        help="kernel (default): the kernel's per-file sessions, byte for byte; global: global session "
+        "accounting (eviction of idle sessions, fair waiting, isolation)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--session-tracking", choices=("strict", "lazy"), default="strict",
+        help="global: read every destroying command (strict, default) or notice a dead session only "
+        "when saving or loading it fails (lazy)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--session-idle", type=float, default=2.0, metavar="SECONDS",
+        help="global: a session is evictable once unused this long (default 2)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--session-wait", type=float, default=5.0, metavar="SECONDS",
+        help="global: how long a StartAuthSession waits for a slot (default 5, 0: never)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--session-status", type=Path, metavar="FILE",
+        help="global: on SIGUSR1 write the session registry's status to FILE as JSON (default: to stdout)",
+    )  # fmt: skip
+
+
+def session_seam(args: argparse.Namespace) -> Seam | None:
+    """The seam ``--sessions`` asks for: None (the kernel's own) or one GlobalSessions that
+    every node on the chip shares."""
+    if args.sessions == "kernel":
+        return None
+    from .sessions import GlobalSessions, Settings
+
+    settings = Settings(
+        strict_tracking=args.session_tracking == "strict",
+        evict_min_idle=args.session_idle,
+        session_wait=args.session_wait,
+    )
+    return GlobalSessions(settings)
+
+
+def write_session_status(seam: Seam | None, path: Path | None) -> None:
+    """SIGUSR1 under ``--sessions global``: the registry's snapshot as one JSON document,
+    replacing ``path`` whole (or one stdout line), so a reader never sees half of it."""
+    import json
+
+    snapshot = getattr(seam, "snapshot", None)
+    if snapshot is None:
+        return
+    text = json.dumps(snapshot(), sort_keys=True)
+    if path is None:
+        print(f"cusetpm: sessions {text}", flush=True)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
 
 
 def default_fuse_dir() -> str:
@@ -105,40 +176,74 @@ async def serve(args: argparse.Namespace) -> int:
     profile = get_profile(args.kernel)
     kind, where = choose_node(args)
     mode = int(args.mode, 8)
-    async with open_backend(args.tcti, args.state_dir) as backend:
-        chip = TpmChip(backend)
-        with trio.fail_after(30):
-            await chip.register()
-        # The signal receiver is open before anyone is told the node serves, so a SIGTERM
-        # sent right after the ready line is a clean shutdown, not the default death.
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(chip.serve)
-                if kind == "cuse":
-                    from .frontends.cuse import serve_cuse
+    seam = session_seam(args)
+    control, control_path = open_control(args.control)
+    try:
+        async with open_backend(args.tcti, args.state_dir) as backend:
+            chip = TpmChip(backend)
+            with trio.fail_after(30):
+                await chip.register()
+            # The signal receiver is open before anyone is told the node serves, so a SIGTERM
+            # sent right after the ready line is a clean shutdown, not the default death.
+            status = (signal.SIGUSR1,) if seam is not None else ()  # kernel mode: SIGUSR1 as before
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, *status) as signals:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(chip.serve)
+                    if kind == "cuse":
+                        from .frontends.cuse import serve_cuse
 
-                    node = Node(chip, profile, where)
-                    path = os.path.join("/dev", where)
-                    await nursery.start(functools.partial(
-                        serve_cuse, node, where, major=args.major, minor=args.minor, mode=mode,
-                        owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
-                else:
-                    from .frontends.fuse import serve_fuse
+                        node = Node(chip, profile, where, seam)
+                        path = os.path.join("/dev", where)
+                        await nursery.start(functools.partial(
+                            serve_cuse, node, where, major=args.major, minor=args.minor, mode=mode,
+                            owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
+                    else:
+                        from .frontends.fuse import serve_fuse
 
-                    node = Node(chip, profile, args.name or "tpmrm0")
-                    path = os.path.join(os.path.abspath(where), node.name)
-                    await nursery.start(functools.partial(
-                        serve_fuse, node, where, name=node.name, mode=mode,
-                        owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
-                print(f"cusetpm: serving {path} ({kind.upper()}, kernel {profile.name})", flush=True)
-                print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
-                if args.ready_fd is not None:
-                    signal_ready(args.ready_fd, path)
-                async for _ in signals:
-                    log.info("shutting down")
-                    nursery.cancel_scope.cancel()
-                    break
+                        node = Node(chip, profile, args.name or "tpmrm0", seam)
+                        path = os.path.join(os.path.abspath(where), node.name)
+                        await nursery.start(functools.partial(
+                            serve_fuse, node, where, name=node.name, mode=mode,
+                            owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
+                    sessions = "" if seam is None else f", sessions {args.sessions}"
+                    print(f"cusetpm: serving {path} ({kind.upper()}, kernel {profile.name}{sessions})", flush=True)
+                    print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
+                    if control is not None:
+                        nursery.start_soon(serve_control, chip, [node], control, control_path)
+                    if args.ready_fd is not None:
+                        signal_ready(args.ready_fd, path)
+                    async for signum in signals:
+                        if signum == signal.SIGUSR1:
+                            write_session_status(seam, args.session_status)
+                            continue
+                        log.info("shutting down")
+                        nursery.cancel_scope.cancel()
+                        break
+    finally:
+        if control is not None:  # the daemon did not get as far as serving it
+            control.close()
+            with contextlib.suppress(OSError):
+                os.unlink(control_path)
     return 0
+
+
+def open_control(option: str | None) -> tuple[socket.socket | None, str]:
+    """``--control``: the bound status socket (None for ``off``).  The default path taken by
+    another live daemon is only a warning; a path asked for is an error."""
+    from .daemon.control import ControlInUse, bind_control, default_control_path
+
+    path = option or default_control_path()
+    if option == "off":
+        return None, path
+    try:
+        sock = bind_control(path)
+    except ControlInUse as exc:
+        if option:
+            raise
+        log.warning("no control socket: %s", exc)
+        return None, path
+    log.info("control socket %s", path)
+    return sock, path
 
 
 def signal_ready(fd: int, path: str) -> None:
@@ -160,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .conformance.cli import run_conformance
 
         return run_conformance(args)
+    if args.command == "status":
+        from .status import run_status
+
+        return run_status(args)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2), format="cusetpm: %(levelname)s %(name)s: %(message)s"
     )

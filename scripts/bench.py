@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _exit)
 
     kernels = args.kernel or ["6.12", "6.1"]
-    paths = [direct_route()] + [node_route(k) for k in kernels] + ([] if args.no_abrmd else [abrmd_route()])
+    paths = [direct_route()] + [node_route(k) for k in kernels] + [node_route(kernels[0], "global")]
+    paths += [] if args.no_abrmd else [abrmd_route()]
     sizes = {"get_random": args.random, "sign": args.sign}
     for p in paths:
         p.error = missing(p)

@@ -365,3 +365,13 @@ def raw():  # type: ignore[no-untyped-def]
     r = RawTpm.start()
     yield r
     r.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``soak`` tests take minutes: they run only when ``-m`` names them (``-m soak``)."""
+    if "soak" in (config.getoption("-m") or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak") is not None]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if item.get_closest_marker("soak") is None]

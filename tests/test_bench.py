@@ -84,6 +84,13 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert any(line.startswith("Goal (node <= 1.5x direct") and "node(6.12)" in line for line in lines)
+    header = next(line for line in lines if line.startswith("backend cmds per user cmd")).split()[5:]
+    assert header[:3] == ["direct", "node(6.12)", "node(6.12,global)"]
     counts = [line for line in lines if line.startswith("GetRandom(16)")][1]  # second table: commands
     assert counts.split()[1:3] == ["1.00", "1.00"]  # direct, and the node on an empty space
+    # With free slots, --sessions global sends no backend command kernel mode does not.
+    table = lines[lines.index(next(line for line in lines if line.startswith("backend cmds"))) :][1:4]
+    for row in table:
+        cells = row.replace("same, key loaded", "key-loaded").split()
+        assert cells[-3] == cells[-2], row  # node(6.12) == node(6.12,global)
     assert list(tmp_path.iterdir()) == []

@@ -194,3 +194,40 @@ def test_while_the_tpm_is_unreachable_writes_fail_and_files_opened_meanwhile_wor
     finally:
         relay.close()
         mux.close()
+
+
+def test_global_session_accounting_forgets_every_session_of_a_restarted_tpm(daemon, tmp_path: Path):
+    """--sessions global: the registry is emptied when the TPM restarts (its sessions are gone),
+    so the new TPM's sessions are counted from zero; `cusetpm status` shows it."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import start_auth_session
+
+    control = tmp_path / "control.sock"
+    d = daemon(extra_args=["--sessions", "global", "--control", str(control)])
+
+    def status() -> dict:  # type: ignore[type-arg]
+        out = subprocess.run([sys.executable, "-m", "cusetpm", "status", "--json", "--control", str(control)],
+                             capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    old = os.open(d.node, os.O_RDWR)
+    assert rc(cmd(old, start_auth_session())) == 0
+    assert status()["features"]["GlobalSessions"]["known"] == 1
+    os.kill(d.swtpm_pid, signal.SIGKILL)
+    probe = os.open(d.node, os.O_RDWR)
+    with pytest.raises(OSError):
+        cmd(probe, get_random())
+    wait_for_log(d, "the TPM was restarted")
+    new = os.open(d.node, os.O_RDWR)
+    assert rc(cmd(new, start_auth_session())) == 0
+    snap = status()
+    assert snap["tpm"]["restarts"] == 1
+    assert (
+        snap["features"]["GlobalSessions"]["known"] == 1
+        and snap["features"]["GlobalSessions"]["counters"]["resets"] == 1
+    )
+    for fd in (old, probe, new):
+        os.close(fd)

@@ -74,6 +74,9 @@ class TpmChip:
         self._recovering = False
         #: Files closed while the TPM was unreachable: flushed if it comes back the same.
         self._orphans: list[tuple[Chip, Space]] = []
+        #: Run each O_NONBLOCK command in a task of its own instead of one worker: set when
+        #: a node's seam may wait (Seam.may_wait), so a waiting command holds up no other.
+        self.concurrent_work = False
 
     def core(self, profile: KernelProfile) -> Chip:
         """A core chip as one kernel profile sees this TPM (a node has one); it gets the
@@ -253,6 +256,8 @@ class TpmChip:
                     self.available = False
                     self.epoch += 1
                     self.restarts += 1
+                    for seam in {id(c.seam): c.seam for c in self._cores if c.seam is not None}.values():
+                        seam.tpm_restarted()
                     log.warning("the TPM was restarted: files opened before now get EPIPE (epoch %d)", self.epoch)
                 if not self._transport_lost:
                     break
@@ -266,7 +271,11 @@ class TpmChip:
 
     def queue_work(self, f: DeviceFile) -> None:
         """Queue an O_NONBLOCK command (queue_work(tpm_dev_wq, ...)).  One worker task runs
-        them in order; they would wait for the chip lock one after another anyway."""
+        them in order; they would wait for the chip lock one after another anyway.  With
+        ``concurrent_work`` each gets a task, in order, and they queue on the (fair) chip lock."""
+        if self.concurrent_work and self._nursery is not None:
+            self._nursery.start_soon(f.async_work)
+            return
         self._work_send.send_nowait(f)
 
     async def _worker(self) -> None:

@@ -46,6 +46,8 @@ class Node:
         #: The core's view of the chip for this node: its profile, command table and seam.
         self.core = chip.core(profile)
         self.core.seam = seam
+        if seam is not None and seam.may_wait:
+            chip.concurrent_work = True
         self.files: set[DeviceFile] = set()
         #: ``cusetpm record``: every call on every file, as a scenario (None: not recording).
         self.recorder: Recorder | None = None

@@ -22,6 +22,11 @@ from .tpm2_space import commit_space, del_space, flush_space, prepare_space
 class Seam:
     """The kernel's behaviour at each step of a command.  Subclass to change a step."""
 
+    #: The seam may give up the chip mid-command (:class:`~.request.Wait`).  The driver must
+    #: then run O_NONBLOCK commands side by side, as the kernel's tpm_dev_wq may, or one that
+    #: waits would hold up the very command that ends its wait.  The kernel never waits.
+    may_wait = False
+
     def before_command(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
         """See the command as user space wrote it, virtual handles and all, before anything
         reaches the TPM.  0 goes on; a positive value is the length of a response the seam
@@ -49,6 +54,11 @@ class Seam:
         does, and return what it gets.  The kernel: unchanged."""
         return length
         yield
+
+    def tpm_restarted(self) -> None:
+        """The daemon found the TPM behind the chip restarted (cusetpm.daemon.recovery): every
+        handle a feature knows of is gone.  The kernel has no such event (its chip would be a
+        new device with new files), so the kernel's seam does nothing."""
 
     def release(self, chip: Chip, space: Space) -> Io[None]:
         """The file is closing: tpmrm_release() -> tpm2_del_space() flushes its sessions."""

@@ -111,16 +111,22 @@ def direct_route() -> Route:
     return Route("direct", setup, count)
 
 
-def node_route(kernel: str) -> Route:
+def node_route(kernel: str, sessions: str = "kernel") -> Route:
+    """The node with a kernel profile; ``sessions="global"``: with global session accounting."""
+    extra = ("--sessions", sessions) if sessions != "kernel" else ()
+    tag = f"{kernel}" if sessions == "kernel" else f"{kernel}-{sessions}"  # a directory name: swtpm's
+    # --log option would split on a comma
+
     def setup(rig: Rig) -> tuple[str, str]:
-        return "device", rig.node(f"node-{kernel}", kernel)
+        return "device", rig.node(f"node-{tag}", kernel, extra=extra)
 
     def count(rig: Rig) -> tuple[str, str, CountingRelay]:
-        relay = rig.relay(rig.swtpm(f"node-{kernel}-count", startup=False))
-        node = rig.node(f"node-{kernel}-count", kernel, tcti=f"swtpm:host=127.0.0.1,port={relay.port}")
+        relay = rig.relay(rig.swtpm(f"node-{tag}-count", startup=False))
+        node = rig.node(f"node-{tag}-count", kernel, tcti=f"swtpm:host=127.0.0.1,port={relay.port}", extra=extra)
         return "device", node, relay
 
-    return Route(f"node({kernel})", setup, count, tctis=("swtpm", "device"))
+    label = f"node({kernel})" if sessions == "kernel" else f"node({kernel},{sessions})"
+    return Route(label, setup, count, tctis=("swtpm", "device"))
 
 
 def abrmd_route() -> Route:

@@ -98,13 +98,14 @@ class Rig:
         self.stack.callback(swtpm.stop)
         return swtpm.port
 
-    def node(self, name: str, kernel: str, tcti: str | None = None) -> str:
+    def node(self, name: str, kernel: str, tcti: str | None = None, extra: tuple[str, ...] = ()) -> str:
         """``cusetpm serve --fuse``; returns the node's path once the daemon says it serves
         (on its ``--ready-fd``)."""
         work = self.dir(name)
         mnt = work / "mnt"
         args = ["--fuse", str(mnt), "--kernel", kernel]
         args += ["--tcti", tcti] if tcti else ["--state-dir", str(work / "swtpm")]
+        args += ["--control", "off", *extra]
         # Registered before the daemon so it runs after it stopped: a daemon that could not
         # unmount (killed) leaves a dead mount behind.
         self.stack.callback(unmount, mnt)

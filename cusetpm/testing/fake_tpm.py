@@ -4,7 +4,7 @@
 :meth:`FakeTpm.transport` answers a :class:`~cusetpm.kernel.request.Send` the way a TPM
 would for the few commands the resource manager's rules need: SelfTest, Startup,
 GetCapability (TPM_PROPERTIES, COMMANDS, HANDLES), GetRandom, CreatePrimary,
-StartAuthSession, ReadPublic, ContextSave, ContextLoad and FlushContext.  Everything else is
+StartAuthSession, PolicyGetDigest, ReadPublic, ContextSave, ContextLoad and FlushContext.  Everything else is
 TPM_RC_COMMAND_CODE.  It is no TPM: there is no cryptography, a context blob is an opaque
 token into the fake's own table, and CreatePrimary returns a minimal body.  What it keeps
 faithfully is the handle bookkeeping the kernel depends on:
@@ -16,7 +16,16 @@ faithfully is the handle bookkeeping the kernel depends on:
   ``max_sessions`` exist (TPM_RC_SESSION_MEMORY); ContextSave of a session unloads it,
   ContextLoad gives it back the same handle, once per save (a replayed blob is TPM_RC_HANDLE);
 * ContextSave of a handle that is not loaded is TPM_RC_REFERENCE_H0, as is a command whose
-  handle area names an object that is not loaded;
+  handle area names an object or session that is not loaded;
+* optionally (``max_active``) at most that many sessions exist, loaded or saved, and the next
+  StartAuthSession is TPM_RC_SESSION_HANDLES, as swtpm's 64; with ``reuse_handles`` a new
+  session gets the lowest free index, as swtpm does;
+* an authorization area's HMAC/policy sessions must be loaded (TPM_RC_REFERENCE_S0 + i); each
+  is answered with its continueSession bit, and one that has it clear is flushed when the
+  command succeeds (no HMAC is checked);
+* optionally (``context_gap``) the context gap: a session ContextSave too far ahead of the
+  oldest saved session is TPM_RC_CONTEXT_GAP; loading that oldest one and saving it again
+  (regapping) cures it;
 * before Startup every command but Startup is TPM_RC_INITIALIZE.
 
 ``ccs`` records the command code of every command received, ``commands`` the bytes.
@@ -27,7 +36,18 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from tpm2_pytss.constants import TPM2_CAP, TPM2_CC, TPM2_HT, TPM2_PT, TPM2_RC, TPM2_SE, TPM2_ST, TPMA_CC
+from tpm2_pytss.constants import (
+    TPM2_CAP,
+    TPM2_CC,
+    TPM2_HT,
+    TPM2_PT,
+    TPM2_PT_HR,
+    TPM2_RC,
+    TPM2_SE,
+    TPM2_ST,
+    TPMA_CC,
+    TPMA_SESSION,
+)
 
 from cusetpm.kernel.request import Io, Send, T, run_sync
 
@@ -63,6 +83,7 @@ COMMAND_ATTRS: dict[int, int] = {
             TPM2_CC.FlushContext: _attrs(TPM2_CC.FlushContext),
             TPM2_CC.ReadPublic: _attrs(TPM2_CC.ReadPublic, 1),
             TPM2_CC.StartAuthSession: _attrs(TPM2_CC.StartAuthSession, 2, True),
+            TPM2_CC.PolicyGetDigest: _attrs(TPM2_CC.PolicyGetDigest, 1),
             TPM2_CC.GetCapability: _attrs(TPM2_CC.GetCapability),
             TPM2_CC.GetRandom: _attrs(TPM2_CC.GetRandom),
         }.items()
@@ -76,6 +97,27 @@ PROPERTIES: dict[int, int] = {int(TPM2_PT.TOTAL_COMMANDS): len(COMMAND_ATTRS)}
 _CONTEXT = struct.Struct(">QIIH")
 _TOKEN = struct.Struct(">I")
 _RH_NULL = 0x40000007
+
+
+_RS_PW = 0x40000009
+_CONTINUE = int(TPMA_SESSION.CONTINUESESSION)
+
+
+def _is_session(handle: int) -> bool:
+    return handle & 0xFF000000 in (HR_HMAC_SESSION, HR_POLICY_SESSION)
+
+
+def _auth_area(area: bytes) -> list[tuple[int, int]]:
+    """(sessionHandle, sessionAttributes) of each command authorization."""
+    out, offset = [], 0
+    while offset < len(area):
+        (handle, nonce) = struct.unpack_from(">IH", area, offset)
+        offset += 6 + nonce
+        attrs = area[offset]
+        (hmac,) = struct.unpack_from(">H", area, offset + 1)
+        offset += 3 + hmac
+        out.append((handle, attrs))
+    return out
 
 
 def response(rc: int, body: bytes = b"", tag: int = ST_NO_SESSIONS) -> bytes:
@@ -112,6 +154,13 @@ class FakeTpm:
 
     max_objects: int = 3
     max_sessions: int = 64
+    #: TPM_PT_ACTIVE_SESSIONS_MAX: beyond it StartAuthSession is SESSION_HANDLES (None: no limit).
+    max_active: int | None = None
+    #: Give a new session the lowest free index (swtpm) instead of a fresh one.
+    reuse_handles: bool = False
+    #: TPM_PT_CONTEXT_GAP_MAX: a session ContextSave that would be more than this many
+    #: session saves newer than the oldest saved session is TPM_RC_CONTEXT_GAP (None: never).
+    context_gap: int | None = None
     #: False: a TPM just powered on, wanting Startup (as swtpm with --flags not-need-init).
     started: bool = False
     #: Command code of every command received (-1 for one too short to have one), in order.
@@ -125,6 +174,10 @@ class FakeTpm:
     _next_object: int = 0
     _next_session: int = 0
     _sequence: int = 0
+    #: Session saves so far: the sequence of a session context (the TPM's contextCounter).
+    _context_counter: int = 0
+    #: Saved session -> the sequence of its one loadable context.
+    _session_seq: dict[int, int] = field(default_factory=dict)
     _saved: list[_Saved] = field(default_factory=list)
     #: session handle -> generation of its one loadable saved context.
     _session_generation: dict[int, int] = field(default_factory=dict)
@@ -165,22 +218,41 @@ class FakeTpm:
             return response(int(TPM2_RC.INSUFFICIENT))
         handles = list(struct.unpack_from(f">{nr_handles}I", cmd, 10))
         params = cmd[10 + 4 * nr_handles :]
-        if tag == ST_SESSIONS:  # skip the authorization area
-            (auth_size,) = struct.unpack_from(">I", params)
-            params = params[4 + auth_size :]
+        auths: list[tuple[int, int]] = []
         try:
+            if tag == ST_SESSIONS:  # the authorization area
+                (auth_size,) = struct.unpack_from(">I", params)
+                auths = _auth_area(params[4 : 4 + auth_size])
+                params = params[4 + auth_size :]
             for k, h in enumerate(handles):
                 if h & 0xFF000000 == HR_TRANSIENT and h not in self.objects:
                     raise _Reply(int(TPM2_RC.REFERENCE_H0) + k)
+                if _is_session(h) and not self.sessions.get(h):
+                    raise _Reply(int(TPM2_RC.REFERENCE_H0) + k)
+            for k, (h, _) in enumerate(auths):
+                if _is_session(h) and not self.sessions.get(h):
+                    raise _Reply(int(TPM2_RC.REFERENCE_S0) + k)
             body = self._dispatch(cc, handles, params)
         except _Reply as reply:
             return response(reply.rc)
         except struct.error:
             return response(int(TPM2_RC.INSUFFICIENT))
         if tag == ST_SESSIONS:
-            # parameterSize before the parameters, and one empty password-session answer.
+            # parameterSize before the parameters, then one answer per session: a password
+            # session always continues; an HMAC/policy session echoes its continueSession and
+            # is flushed if that is clear.
+            answers = b""
+            for h, attrs in auths or [(_RS_PW, 1)]:
+                if _is_session(h):
+                    answers += b"\x00\x00" + bytes([attrs & _CONTINUE]) + b"\x00\x00"
+                    if not attrs & _CONTINUE:
+                        self.sessions.pop(h, None)
+                        self._session_generation.pop(h, None)
+                        self._session_seq.pop(h, None)
+                else:
+                    answers += b"\x00\x00\x01\x00\x00"
             handle_area, param_area = body
-            return response(0, handle_area + _u32(len(param_area)) + param_area + b"\x00\x00\x01\x00\x00", tag)
+            return response(0, handle_area + _u32(len(param_area)) + param_area + answers, tag)
         return response(0, body[0] + body[1])
 
     # --- commands ------------------------------------------------------------------------
@@ -213,6 +285,10 @@ class FakeTpm:
             return b"", _tpm2b(b"") * 3  # outPublic, name, qualifiedName
         if cc == TPM2_CC.StartAuthSession:
             return self._start_auth_session(params)
+        if cc == TPM2_CC.PolicyGetDigest:
+            if handles[0] & 0xFF000000 != HR_POLICY_SESSION:
+                raise _Reply(int(TPM2_RC.TYPE) + int(TPM2_RC.H) + int(TPM2_RC.RC1))
+            return b"", _tpm2b(bytes(32))
         if cc == TPM2_CC.ContextSave:
             return b"", self._context_save(handles[0])
         if cc == TPM2_CC.ContextLoad:
@@ -224,6 +300,7 @@ class FakeTpm:
             elif handle in self.sessions:
                 del self.sessions[handle]
                 self._session_generation.pop(handle, None)
+                self._session_seq.pop(handle, None)
             else:
                 raise _Reply(int(TPM2_RC.HANDLE) + int(TPM2_RC.P) + int(TPM2_RC.RC1))
             return b"", b""
@@ -244,11 +321,18 @@ class FakeTpm:
         (session_type,) = struct.unpack_from(">B", params, offset)
         if session_type not in (int(TPM2_SE.HMAC), int(TPM2_SE.POLICY), int(TPM2_SE.TRIAL)):
             raise _Reply(int(TPM2_RC.VALUE) + int(TPM2_RC.P) + int(TPM2_RC.RC3))
+        if self.max_active is not None and len(self.sessions) >= self.max_active:
+            raise _Reply(int(TPM2_RC.SESSION_HANDLES))
         if len(self.sessions) >= self.max_sessions:
             raise _Reply(int(TPM2_RC.SESSION_MEMORY))
         base = HR_HMAC_SESSION if session_type == TPM2_SE.HMAC else HR_POLICY_SESSION
-        handle = base + self._next_session
-        self._next_session += 1
+        if self.reuse_handles:
+            used = {h & 0xFFFFFF for h in self.sessions}
+            index = next(i for i in range(len(used) + 1) if i not in used)
+        else:
+            index = self._next_session
+            self._next_session += 1
+        handle = base + index
         self.sessions[handle] = True
         return _u32(handle), _tpm2b(bytes(16))  # nonceTPM
 
@@ -257,6 +341,12 @@ class FakeTpm:
             saved = _Saved(handle, False)
             saved_handle = HR_TRANSIENT
         elif self.sessions.get(handle):
+            oldest = min(self._session_seq.values(), default=None)
+            if self.context_gap is not None and oldest is not None:
+                if self._context_counter + 1 - oldest > self.context_gap:
+                    raise _Reply(int(TPM2_RC.CONTEXT_GAP))
+            self._context_counter += 1
+            self._session_seq[handle] = self._context_counter
             generation = self._session_generation.get(handle, 0) + 1
             self._session_generation[handle] = generation
             self.sessions[handle] = False
@@ -267,7 +357,8 @@ class FakeTpm:
         self._saved.append(saved)
         self._sequence += 1
         token = _TOKEN.pack(len(self._saved) - 1)
-        return _CONTEXT.pack(self._sequence, saved_handle, _RH_NULL, len(token)) + token
+        sequence = self._context_counter if saved.is_session else self._sequence
+        return _CONTEXT.pack(sequence, saved_handle, _RH_NULL, len(token)) + token
 
     def _context_load(self, params: bytes) -> int:
         _sequence, _saved_handle, _hierarchy, size = _CONTEXT.unpack_from(params)
@@ -287,11 +378,18 @@ class FakeTpm:
             # Flushed, loaded already, or an older save: the context cannot be loaded.
             raise _Reply(int(TPM2_RC.HANDLE) + int(TPM2_RC.P) + int(TPM2_RC.RC1))
         self.sessions[saved.handle] = True
+        self._session_seq.pop(saved.handle, None)
         return saved.handle
 
     def _get_capability(self, capability: int, prop: int, count: int) -> bytes:
         if capability == TPM2_CAP.TPM_PROPERTIES:
-            props = [(p, v) for p, v in sorted(PROPERTIES.items()) if p >= prop]
+            table = {
+                **PROPERTIES,
+                int(TPM2_PT_HR.LOADED_MIN): 3,
+                int(TPM2_PT.ACTIVE_SESSIONS_MAX): self.max_active or self.max_sessions,
+                int(TPM2_PT.CONTEXT_GAP_MAX): self.context_gap or 0xFFFF,
+            }
+            props = [(p, v) for p, v in sorted(table.items()) if p >= prop]
             body = b"".join(_u32(p) + _u32(v) for p, v in props[:count])
             return struct.pack(">BII", len(props) > count, capability, min(len(props), count)) + body
         if capability == TPM2_CAP.COMMANDS:
