@@ -92,6 +92,18 @@ def add_session_options(serve: argparse.ArgumentParser) -> None:
         help="global: how long a StartAuthSession waits for a slot (default 5, 0: never)",
     )  # fmt: skip
     serve.add_argument(
+        "--session-quota-uid", type=int, default=0, metavar="N",
+        help="global: sessions one uid may hold over all its files, attached or self-saved (default 0: no limit)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--session-quota-file", type=int, default=3, metavar="N",
+        help="global: sessions one file may hold, 1..3 (default 3, the kernel's table)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--session-quota-detached", type=int, default=8, metavar="N",
+        help="global: sessions one file may hold context-saved itself (default 8)",
+    )  # fmt: skip
+    serve.add_argument(
         "--session-status", type=Path, metavar="FILE",
         help="global: on SIGUSR1 write the session registry's status to FILE as JSON (default: to stdout)",
     )  # fmt: skip
@@ -108,6 +120,9 @@ def session_seam(args: argparse.Namespace) -> Seam | None:
         strict_tracking=args.session_tracking == "strict",
         evict_min_idle=args.session_idle,
         session_wait=args.session_wait,
+        max_sessions_per_uid=args.session_quota_uid,
+        max_sessions_per_space=args.session_quota_file,
+        max_detached_per_space=args.session_quota_detached,
     )
     return GlobalSessions(settings)
 

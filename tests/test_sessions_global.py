@@ -449,3 +449,36 @@ def test_100000_uses_of_a_session_while_another_file_holds_an_idle_one(daemon: S
         a.close()
         b.close()
     _no_sessions_left(d)
+
+
+def test_quotas_from_the_command_line_are_answered_by_the_rm(daemon: StartDaemon) -> None:
+    """--session-quota-uid closes the many-files loophole: the sessions of one uid over all
+    its files; --session-quota-file bounds one file.  Refusals are 0x000B0905 and reach no TPM."""
+    d = daemon(extra_args=["--sessions", "global", "--session-quota-uid", "3", "--session-quota-file", "2"])
+    files = [os.open(d.node, os.O_RDWR) for _ in range(3)]
+
+    def start(fd: int) -> int:
+        os.write(fd, start_auth_session())
+        return rc(os.read(fd, 4096))
+
+    try:
+        assert [start(files[0]), start(files[0]), start(files[0])] == [0, 0, 0x000B0905]  # 2 per file
+        assert [start(files[1]), start(files[2])] == [0, 0x000B0905]  # 3 for the uid, over all its files
+        os.write(files[1], flush_context(0x02000002))  # the uid's third session, freed
+        assert rc(os.read(files[1], 4096)) == 0
+        assert start(files[2]) == 0
+    finally:
+        for fd in files:
+            os.close(fd)
+
+
+def test_the_quota_options_build_the_settings() -> None:
+    from cusetpm.cli import build_parser, session_seam
+    from cusetpm.sessions import GlobalSessions
+
+    args = ["serve", "--sessions", "global", "--session-quota-uid", "5", "--session-quota-file", "1",
+            "--session-quota-detached", "0"]  # fmt: skip
+    seam = session_seam(build_parser().parse_args(args))
+    assert isinstance(seam, GlobalSessions)
+    s = seam.settings
+    assert (s.max_sessions_per_uid, s.max_sessions_per_space, s.max_detached_per_space) == (5, 1, 0)
