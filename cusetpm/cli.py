@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the control socket `cusetpm status` asks (mode 0600; default: cusetpm/control.sock in the "
         "runtime dir, /run/cusetpm/control.sock for root); 'off': none",
     )  # fmt: skip
+    serve.add_argument(
+        "--metrics", metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: none; nothing listens)",
+    )  # fmt: skip
     serve.add_argument("-v", "--verbose", action="count", default=0)
     # Only the parser: the harness itself is imported when `conformance` runs.
     from .conformance.cli import add_conformance_parser
@@ -193,6 +197,7 @@ async def serve(args: argparse.Namespace) -> int:
     mode = int(args.mode, 8)
     seam = session_seam(args)
     control, control_path = open_control(args.control)
+    metrics = None
     try:
         async with open_backend(args.tcti, args.state_dir) as backend:
             chip = TpmChip(backend)
@@ -225,6 +230,11 @@ async def serve(args: argparse.Namespace) -> int:
                     print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
                     if control is not None:
                         nursery.start_soon(serve_control, chip, [node], control, control_path)
+                    if args.metrics:
+                        from .daemon.metrics import Metrics
+
+                        node.metrics = metrics = Metrics(chip, [node])
+                        metrics.listen(args.metrics)
                     if args.ready_fd is not None:
                         signal_ready(args.ready_fd, path)
                     async for signum in signals:
@@ -235,6 +245,8 @@ async def serve(args: argparse.Namespace) -> int:
                         nursery.cancel_scope.cancel()
                         break
     finally:
+        if metrics is not None:
+            metrics.close()
         if control is not None:  # the daemon did not get as far as serving it
             control.close()
             with contextlib.suppress(OSError):

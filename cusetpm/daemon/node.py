@@ -14,15 +14,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import trio
 
+from ..kernel import wire
 from ..kernel.profiles import KernelProfile
 from ..kernel.seam import Seam
 from ..kernel.tpm_dev_common import FileState, tpm_dev_transmit
 from .chip import TpmChip
 from .recorder import Recorder
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ class Node:
         self.files: set[DeviceFile] = set()
         #: ``cusetpm record``: every call on every file, as a scenario (None: not recording).
         self.recorder: Recorder | None = None
+        #: ``--metrics``: the counters each finished command updates (None: no metrics).
+        self.metrics: Metrics | None = None
 
     def open(self, flags: int = os.O_RDWR, opener: Opener = Opener()) -> DeviceFile:
         """tpmrm_open(): a new file with an empty space.  Nothing reaches the TPM."""
@@ -131,7 +137,10 @@ class DeviceFile:
                 handed_over = True
                 return len(data)
             FileState.check_chip(self.chip.usable_by(self))
+            start = trio.current_time()
             result = await self._transmit()
+            if self.node.metrics is not None:
+                self.node.metrics.observe(self.node.name, data, result, self.state.buf, trio.current_time() - start)
             size = self.state.command_finished(result, len(data), trio.current_time())
             self._arm_timer()
             return size
@@ -150,7 +159,12 @@ class DeviceFile:
             if not self.chip.usable_by(self):
                 self.state.async_chip_gone()
             else:
+                start, command = trio.current_time(), bytes(self.state.buf[: wire.TPM_HEADER_SIZE])
                 result = await self._transmit()
+                if self.node.metrics is not None:
+                    self.node.metrics.observe(
+                        self.node.name, command, result, self.state.buf, trio.current_time() - start
+                    )
                 self.state.async_finished(result, trio.current_time())
                 self._arm_timer()
             self._wake()

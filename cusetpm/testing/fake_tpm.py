@@ -113,8 +113,7 @@ def _auth_area(area: bytes) -> list[tuple[int, int]]:
     while offset < len(area):
         (handle, nonce) = struct.unpack_from(">IH", area, offset)
         offset += 6 + nonce
-        attrs = area[offset]
-        (hmac,) = struct.unpack_from(">H", area, offset + 1)
+        (attrs, hmac) = struct.unpack_from(">BH", area, offset)  # struct.error when short
         offset += 3 + hmac
         out.append((handle, attrs))
     return out
