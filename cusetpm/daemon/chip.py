@@ -12,10 +12,11 @@ cancellation: an interrupted syscall never leaves a space half-loaded.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
-from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar, assert_never
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, TypeVar, assert_never
 
 import trio
 
@@ -136,15 +137,9 @@ class TpmChip:
     async def command(self, gen: Io[T], core: Chip) -> T:
         """Run one user command (or close) under the chip lock, shielded: once a command has
         started, its space must be saved or flushed."""
-        with trio.CancelScope(shield=True):
-            await self._take_lock()
-            try:
-                result = await self.run(gen, core)
-                await self._flush_after_fault()
-            finally:
-                self.lock.release()
-                if self._transport_lost and not self._recovering:
-                    self._lose_tpm()
+        async with self._held():
+            result = await self.run(gen, core)
+            await self._flush_after_fault()
         return result
 
     async def _flush_after_fault(self) -> None:
@@ -161,29 +156,32 @@ class TpmChip:
             if flushed:
                 log.warning("flushed %d handles left in the TPM by a command whose answer was lost", flushed)
 
-    async def _take_lock(self) -> None:
-        """The uncontended case costs no checkpoint (this is on every command's path)."""
-        try:
-            self.lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self.lock.acquire()
-
-    async def file_command(self, gen: Io[int], core: Chip, f: DeviceFile) -> int:
-        """:meth:`command` for a file's command: checked again under the lock, because the
-        TPM may have gone, or restarted, while the file waited for it."""
+    @contextlib.asynccontextmanager
+    async def _held(self) -> AsyncIterator[None]:
+        """The chip lock, shielded from cancellation, for one command (or close); on the way
+        out, a lost transport starts the recovery.  The uncontended case costs no checkpoint
+        (this is on every command's path)."""
         with trio.CancelScope(shield=True):
-            await self._take_lock()
             try:
-                if not self.usable_by(f):
-                    gen.close()
-                    result = -errno.EPIPE
-                else:
-                    result = await self.run(gen, core)
-                    await self._flush_after_fault()
+                self.lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self.lock.acquire()
+            try:
+                yield
             finally:
                 self.lock.release()
                 if self._transport_lost and not self._recovering:
                     self._lose_tpm()
+
+    async def file_command(self, gen: Io[int], core: Chip, f: DeviceFile) -> int:
+        """:meth:`command` for a file's command: checked again under the lock, because the
+        TPM may have gone, or restarted, while the file waited for it."""
+        async with self._held():
+            if not self.usable_by(f):
+                gen.close()
+                return -errno.EPIPE
+            result = await self.run(gen, core)
+            await self._flush_after_fault()
         return result
 
     async def register(self) -> None:
@@ -211,17 +209,11 @@ class TpmChip:
         the file belongs to; kept for later while that TPM is unreachable; nothing at all
         once the TPM has restarted (its handles would name the new TPM's sessions)."""
         core, space = f.node.core, f.state.space
-        with trio.CancelScope(shield=True):
-            await self._take_lock()
-            try:
-                if self.usable_by(f):
-                    await self.run(release_space(core, space), core)
-                elif f.epoch == self.epoch and self._recovering:
-                    self._orphans.append((core, space))
-            finally:
-                self.lock.release()
-                if self._transport_lost and not self._recovering:
-                    self._lose_tpm()
+        async with self._held():
+            if self.usable_by(f):
+                await self.run(release_space(core, space), core)
+            elif f.epoch == self.epoch and self._recovering:
+                self._orphans.append((core, space))
 
     def _lose_tpm(self) -> None:
         self._transport_lost = False
