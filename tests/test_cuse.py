@@ -388,9 +388,18 @@ def test_mode_owner_and_group_decide_who_may_open_the_cuse_node(tmp_path: Path) 
             f"$(setpriv --reuid=nobody --regid=nogroup --clear-groups {sys.executable} /tmp/client.py /dev/{name}); "
             "kill -TERM $!; wait; "
         )
+    # kill -9 leaves nothing that blocks the next start on the same name
+    serve = f"{sys.executable} -m cusetpm serve --cuse p4 --state-dir /tmp/st-p4 --ready-fd 3 3>/tmp/ready"
+    wait = "for i in $(seq 150); do [ -s /tmp/ready ] && break; sleep 0.2; done; "
+    script += (
+        f"rm -f /tmp/ready; {serve} >/tmp/p4a.log 2>&1 & {wait} kill -KILL $!; wait; "
+        f"rm -f /tmp/ready; {serve} >/tmp/p4b.log 2>&1 & {wait} "
+        f"echo p4 again $({sys.executable} /tmp/client.py /dev/p4); kill -TERM $!; wait; "
+    )
     result = run_in_guest("6.12", script, timeout=600, share=str(tmp_path))
     assert result.returncode == 0, result.output
     for line in (
+        "p4 again got 20",
         "p0 660 root root got EACCES",
         "p1 600 nobody root got 20",
         "p2 660 root nogroup got 20",
