@@ -91,8 +91,9 @@ def _unseal_with_policy(ectx: ESAPI, sealed: ESYS_TR) -> bytes:
     return data
 
 
-def test_policy_session_pcr_policy_unseal(daemon: StartDaemon) -> None:
-    d = daemon(inspectable=True)
+@pytest.mark.parametrize("sessions", ["kernel", "global"])
+def test_policy_session_pcr_policy_unseal(daemon: StartDaemon, sessions: str) -> None:
+    d = daemon(extra_args=["--sessions", sessions], inspectable=True)
     secret = b"released only while PCRs 0-2 are unchanged"
     with esapi(d.node) as ectx:
         primary, *_ = ectx.create_primary(None, "rsa2048")
@@ -118,8 +119,9 @@ def test_policy_session_pcr_policy_unseal(daemon: StartDaemon) -> None:
     assert backend.saved_sessions == [] and backend.loaded_sessions == [] and backend.transient == []
 
 
-def test_hmac_session_authorizes_commands(daemon: StartDaemon) -> None:
-    d = daemon(inspectable=True)
+@pytest.mark.parametrize("sessions", ["kernel", "global"])  # global: continueSession read per command
+def test_hmac_session_authorizes_commands(daemon: StartDaemon, sessions: str) -> None:
+    d = daemon(extra_args=["--sessions", sessions], inspectable=True)
     with esapi(d.node) as ectx:
         primary, *_ = ectx.create_primary(None, "rsa2048")
         # A salted HMAC session with parameter encryption both ways.

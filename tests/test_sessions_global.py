@@ -482,3 +482,33 @@ def test_the_quota_options_build_the_settings() -> None:
     assert isinstance(seam, GlobalSessions)
     s = seam.settings
     assert (s.max_sessions_per_uid, s.max_sessions_per_space, s.max_detached_per_space) == (5, 1, 0)
+
+
+@pytest.mark.parametrize("tracking", ["strict", "lazy"])
+def test_a_session_used_without_continue_session_leaves_the_registry(
+    daemon: StartDaemon, tmp_path: Path, tracking: str
+) -> None:
+    """Research notes §8.2 S1, the HMAC step, through tpm2-pytss: a successful command whose
+    response clears continueSession makes the TPM flush the session; strict tracking drops it
+    from the registry at once, lazy tracking when the RM's next save of it fails."""
+    from tpm2_pytss.constants import TPMA_SESSION
+
+    d = _global(daemon, idle=2, wait=5, tracking=tracking, status_dir=tmp_path)
+    with esapi(d.node) as ectx:
+        keep = ectx.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.HMAC, None, TPM2_ALG.SHA256)
+        once = ectx.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.HMAC, None, TPM2_ALG.SHA256)
+        ectx.trsess_set_attributes(keep, TPMA_SESSION.CONTINUESESSION)
+        ectx.trsess_set_attributes(once, TPMA_SESSION(0))  # the TPM ends it after one use
+        assert status(d)["known"] == 2
+        primary, *_ = ectx.create_primary(None, "ecc256", session1=once)  # the owner hierarchy's HMAC auth
+        ectx.flush_context(primary)
+        st = status(d)
+        tpm = settled_backend_handles(d)
+        assert len(tpm.saved_sessions) + len(tpm.loaded_sessions) == 1
+        assert st["known"] == 1  # lazy: the RM's save right after the command already failed
+        key = "lazy_corrections_save_ref_h0"
+        assert st["counters"].get(key, 0) == (1 if tracking == "lazy" else 0), st["counters"]
+        primary, *_ = ectx.create_primary(None, "ecc256", session1=keep)
+        ectx.flush_context(primary)
+        assert status(d)["known"] == 1
+    _no_sessions_left(d)

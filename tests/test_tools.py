@@ -13,6 +13,8 @@ import hashlib
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import (
     BackendHandles,
     Daemon,
@@ -26,6 +28,14 @@ from conftest import (
 
 NV_INDEX = "0x1500016"
 PERSISTENT = "0x81000001"
+
+
+@pytest.fixture(params=["kernel", "global"], ids=["sessions-kernel", "sessions-global"])
+def node(daemon: StartDaemon, request: pytest.FixtureRequest) -> Path:
+    """Every tool sequence runs on a kernel-mode node and on one with global session
+    accounting: unmodified tpm2-tools must see no difference."""
+    extra = [] if request.param == "kernel" else ["--sessions", "global"]
+    return daemon(extra_args=extra).node
 
 
 def _yaml_value(text: bytes, key: str) -> str:
