@@ -202,3 +202,42 @@ def test_a_misbehaving_backend_gets_the_kernels_errno_and_spares_other_files(dae
     finally:
         relay.close()
         mux.close()
+
+
+def test_device_backend_on_a_character_device_file(daemon, tmp_path):
+    """``--tcti device:PATH`` takes the native path (no TCTI thread): here a cusetpm served on
+    another cusetpm's node, which behaves like /dev/tpmrm0 (write, poll, read)."""
+    import os
+
+    from conftest import tpm2
+    from cusetpm.backends import DeviceBackend, open_backend
+
+    lower = daemon()
+    upper = daemon(extra_args=["--tcti", f"device:{lower.node}"])
+    out = tpm2(upper.node, "tpm2_getrandom", "--hex", "8", cwd=tmp_path)
+    assert len(out.stdout.strip()) == 16
+    tpm2(upper.node, "tpm2_createprimary", "-c", str(tmp_path / "p.ctx"), cwd=tmp_path)
+    tpm2(upper.node, "tpm2_readpublic", "-c", str(tmp_path / "p.ctx"), cwd=tmp_path)
+
+    async def direct() -> None:
+        async with open_backend(f"device:{lower.node}") as backend:
+            assert isinstance(backend, DeviceBackend)
+            rsp = await backend.transmit(bytes.fromhex("80010000000c0000017b0008"), 2.0)
+            assert isinstance(rsp, bytes) and len(rsp) == 20 and rsp[6:10] == bytes(4)
+
+    trio.run(direct)
+    assert os.path.exists(lower.node)
+    assert upper.stop() == 0, upper.log()  # before the TPM it stands on
+
+
+def test_a_device_that_cannot_be_opened_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "cusetpm", "serve", "--fuse", str(tmp_path / "mnt"), "--tcti", "device:/nonexistent/tpm9"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "cusetpm: error: cannot open TPM device /nonexistent/tpm9: No such file or directory"
+    ), r.stderr

@@ -12,6 +12,7 @@ import io
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,11 @@ echo hello-from-guest > {share}/from-guest.txt
 echo to-stderr >&2
 {rig.guest_swtpm_prelude()} && echo "RANDOM=$(tpm2_getrandom -T device:/dev/tpmrm0 --hex 8)"
 [ -c /dev/tpmrm0 ] && echo TPMRM0=yes
+{sys.executable} -m cusetpm serve --fuse /tmp/devnode --tcti device:/dev/tpm0 --control off --ready-fd 3 \
+    3>/tmp/devready >/tmp/dev.log 2>&1 &
+for i in $(seq 100); do [ -s /tmp/devready ] && break; sleep 0.2; done
+echo "DEVRANDOM=$(tpm2_getrandom -T device:/tmp/devnode/tpmrm0 --hex 8)"
+kill -TERM $! && wait $! && echo DEVSTOP=ok
 echo '{progress.MARKER}a progress line from the guest'
 exit 7
 """
@@ -77,6 +83,14 @@ def test_kernel_tpmrm0_works(boot):
     assert fields.get("TPMRM0") == "yes", _explain(res)
     assert re.fullmatch(r"[0-9a-f]{16}", fields.get("RANDOM", "")), _explain(res)
     assert fields.get("CUSE") == "yes", _explain(res)
+
+
+def test_a_node_on_the_kernels_own_dev_tpm0(boot):
+    """``--tcti device:/dev/tpm0``, the native device backend, on the real kernel's device
+    (swtpm behind vtpm_proxy)."""
+    _, _, res, fields, _ = boot
+    assert re.fullmatch(r"[0-9a-f]{16}", fields.get("DEVRANDOM", "")), _explain(res)
+    assert fields.get("DEVSTOP") == "ok", _explain(res)
 
 
 def test_exit_status_and_output(boot):

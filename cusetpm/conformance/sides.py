@@ -249,6 +249,8 @@ class ForkedDaemon(_Side):
             str(self.workdir / "state"),
             "--ready-fd",
             str(self.READY_FD),
+            "--control",
+            "off",
         ]
         self.returncode: int | None = None
         self._terminated = False

@@ -101,7 +101,10 @@ class Served:
 
 
 def serve_argv(args: Sequence[str], python: str = sys.executable) -> list[str]:
-    return [python, "-m", "cusetpm", "serve", *args]
+    # No control socket unless the caller asks: tests and benches run many daemons at once,
+    # and the default path is one per user.
+    control = [] if "--control" in args else ["--control", "off"]
+    return [python, "-m", "cusetpm", "serve", *args, *control]
 
 
 def start_serve(
