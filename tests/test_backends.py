@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import subprocess
 
 import pytest
 import trio
@@ -241,3 +242,36 @@ def test_a_device_that_cannot_be_opened_is_a_one_line_error(tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == (
         "cusetpm: error: cannot open TPM device /nonexistent/tpm9: No such file or directory"
     ), r.stderr
+
+
+def test_mssim_backend_speaks_the_simulators_protocol(daemon, tmp_path):
+    """``--tcti mssim:`` takes the native path: two ports, power-on and NV-on at connection,
+    framed commands.  The simulator's protocol is served by a front on a swtpm, which
+    tpm2-tss's own mssim TCTI accepts too (so the front is the protocol, not our reading of it)."""
+    from conftest import tpm2
+    from cusetpm.backends import MssimBackend, open_backend
+    from cusetpm.testing.relay import MssimFront
+
+    front = MssimFront(tmp_path / "sim")
+    try:
+        tss = subprocess.run(
+            ["tpm2_getrandom", "-T", f"mssim:host=127.0.0.1,port={front.port}", "--hex", "8"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert tss.returncode == 0 and len(tss.stdout) == 16, tss.stderr
+        front.signals.clear()
+        d = daemon(extra_args=["--tcti", f"mssim:host=127.0.0.1,port={front.port}"])
+        assert front.signals[:2] == [1, 11]  # power on, NV on
+        assert len(tpm2(d.node, "tpm2_getrandom", "--hex", "8", cwd=tmp_path).stdout.strip()) == 16
+        tpm2(d.node, "tpm2_createprimary", "-c", str(tmp_path / "p.ctx"), cwd=tmp_path)
+        tpm2(d.node, "tpm2_readpublic", "-c", str(tmp_path / "p.ctx"), cwd=tmp_path)
+
+        async def direct() -> None:
+            async with open_backend(f"mssim:host=127.0.0.1,port={front.port}") as backend:
+                assert isinstance(backend, MssimBackend)
+                rsp = await backend.transmit(bytes.fromhex("80010000000c0000017b0008"), 2.0)
+                assert isinstance(rsp, bytes) and len(rsp) == 20 and rsp[6:10] == bytes(4)
+
+        trio.run(direct)
+    finally:
+        front.close()

@@ -17,6 +17,25 @@ from .base import BackendError, unframeable
 log = logging.getLogger(__name__)
 
 
+async def connect_tcp(host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket (TCP_NODELAY), or :class:`BackendError`."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+    except OSError as exc:
+        sock.close()
+        raise BackendError(f"cannot connect to TPM at {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 class SocketBackend:
     """A TPM that speaks raw TPM 2.0 commands on a TCP stream, as swtpm's server port does.
 
@@ -31,21 +50,7 @@ class SocketBackend:
         self._sock: socket.socket | None = None
 
     async def connect(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            try:
-                sock.connect((self.host, self.port))
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err))
-        except OSError as exc:
-            sock.close()
-            raise BackendError(f"cannot connect to TPM at {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self._sock = sock
+        self._sock = await connect_tcp(self.host, self.port)
 
     async def transmit(self, data: bytes, timeout: float) -> bytes | int:
         self.commands_sent += 1

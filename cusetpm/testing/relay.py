@@ -300,3 +300,80 @@ class FlakyRelay:
         self._closing = True
         _shut(self._listener)
         self.drop()
+
+
+#: The Microsoft/IBM simulator's socket protocol (tpm2-tss's tcti-mssim speaks it).
+MSSIM_SEND_COMMAND = 8
+MSSIM_SESSION_END = 20
+
+
+class MssimFront:
+    """The MS/IBM TPM simulator's two-port protocol in front of a swtpm of the caller's own.
+
+    Command port ``port``: ``u32 8, u8 locality, u32 size, command`` is answered ``u32 size,
+    response, u32 0``; ``u32 20`` ends the session.  Platform port ``port + 1``: every ``u32``
+    signal (power on, NV on, ...) is acknowledged with ``u32 0``.  Enough for tpm2-tss's mssim
+    TCTI and for cusetpm's own mssim backend; ``signals`` records what the platform port got.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.swtpm = Swtpm.start(state_dir)
+        try:
+            self._tpm = self.swtpm.connect()
+            self.port, self._listeners = _listen_pair()
+        except BaseException:
+            self.swtpm.stop()
+            raise
+        self._lock = threading.Lock()
+        self.signals: list[int] = []
+        self._closing = False
+        self._sockets: list[socket.socket] = []
+        cmd, platform = self._listeners
+        threading.Thread(target=self._accept, args=(cmd, self._serve_commands), daemon=True).start()
+        threading.Thread(target=self._accept, args=(platform, self._serve_platform), daemon=True).start()
+
+    def _accept(self, listener: socket.socket, serve: Callable[[socket.socket], None]) -> None:
+        while not self._closing:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            self._sockets.append(conn)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    def _serve_commands(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while True:
+                    (what,) = struct.unpack(">I", _recv_exact(conn, 4))
+                    if what == MSSIM_SESSION_END:
+                        return
+                    if what != MSSIM_SEND_COMMAND:
+                        conn.sendall(struct.pack(">I", 0))
+                        continue
+                    _locality, size = struct.unpack(">BI", _recv_exact(conn, 5))
+                    command = _recv_exact(conn, size)
+                    with self._lock:
+                        self._tpm.sendall(command)
+                        rsp = recv_tpm_message(self._tpm)
+                    conn.sendall(struct.pack(">I", len(rsp)) + rsp + struct.pack(">I", 0))
+            except (OSError, EOFError):
+                return
+
+    def _serve_platform(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while True:
+                    (signal_,) = struct.unpack(">I", _recv_exact(conn, 4))
+                    self.signals.append(signal_)
+                    if signal_ == MSSIM_SESSION_END:
+                        return
+                    conn.sendall(struct.pack(">I", 0))
+            except (OSError, EOFError):
+                return
+
+    def close(self) -> None:
+        self._closing = True
+        for s in self._listeners + self._sockets + [self._tpm]:
+            _shut(s)
+        self.swtpm.stop()

@@ -1,0 +1,94 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The Microsoft/IBM TPM 2.0 simulator (``mssim:host=H,port=P``) on trio, with no thread.
+
+Its protocol has two ports.  The command port frames every command as ``u32
+TPM_SEND_COMMAND, u8 locality, u32 size, bytes`` and answers ``u32 size, bytes, u32 0``; the
+platform port (``port + 1``) takes signals such as power-on and NV-on, each acknowledged with
+``u32 0``.  Like tpm2-tss's mssim TCTI, the backend powers the simulator on and turns its NV on
+when it connects.  The exchange is :class:`~.socket.SocketBackend`'s, with this framing.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import trio
+
+from .base import BackendError
+from .socket import SocketBackend, connect_tcp
+
+SEND_COMMAND = 8
+SESSION_END = 20
+POWER_ON = 1
+NV_ON = 11
+#: tpm2-tss's default locality for the simulator.
+LOCALITY = 0
+
+
+async def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        try:
+            chunk = sock.recv(n - len(data))
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        if not chunk:
+            raise EOFError("the simulator closed the connection")
+        data += chunk
+    return data
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+class MssimBackend(SocketBackend):
+    """The simulator's command port; the platform port is used at each connection."""
+
+    async def connect(self) -> None:
+        await super().connect()  # the command port first: its address is the one users give
+        try:
+            platform = await connect_tcp(self.host, self.port + 1)
+        except BackendError:
+            self._drop()
+            raise
+        try:
+            for signal_ in (POWER_ON, NV_ON):
+                await _send_all(platform, struct.pack(">I", signal_))
+                (rc,) = struct.unpack(">I", await _recv_exact(platform, 4))
+                if rc:
+                    raise BackendError(f"the simulator refused platform signal {signal_}: {rc}")
+            await _send_all(platform, struct.pack(">I", SESSION_END))
+        except (OSError, EOFError) as exc:
+            self._drop()
+            raise BackendError(f"the simulator's platform port {self.host}:{self.port + 1}: {exc}") from None
+        finally:
+            platform.close()
+
+    async def _exchange(self, data: bytes) -> bytes:
+        sock = self._sock
+        assert sock is not None
+        await _send_all(sock, struct.pack(">IBI", SEND_COMMAND, LOCALITY, len(data)) + data)
+        (size,) = struct.unpack(">I", await _recv_exact(sock, 4))
+        rsp = await _recv_exact(sock, size)
+        await _recv_exact(sock, 4)  # the simulator's acknowledgement
+        return rsp
+
+
+def mssim_address(conf: str) -> tuple[str, int] | None:
+    """(host, port) of an ``mssim:`` TCTI configuration (tpm2-tss's defaults: localhost,
+    2321), else None."""
+    name, _, rest = conf.partition(":")
+    if name != "mssim":
+        return None
+    options = dict(item.partition("=")[::2] for item in rest.split(",") if item)
+    if set(options) - {"host", "port"}:
+        return None
+    return options.get("host", "localhost"), int(options.get("port", "2321"))
