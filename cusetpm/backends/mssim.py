@@ -16,7 +16,7 @@ import struct
 import trio
 
 from .base import BackendError
-from .socket import SocketBackend, connect_tcp
+from .socket import SocketBackend, connect_tcp, tcp_address
 
 SEND_COMMAND = 8
 SESSION_END = 20
@@ -83,12 +83,5 @@ class MssimBackend(SocketBackend):
 
 
 def mssim_address(conf: str) -> tuple[str, int] | None:
-    """(host, port) of an ``mssim:`` TCTI configuration (tpm2-tss's defaults: localhost,
-    2321), else None."""
-    name, _, rest = conf.partition(":")
-    if name != "mssim":
-        return None
-    options = dict(item.partition("=")[::2] for item in rest.split(",") if item)
-    if set(options) - {"host", "port"}:
-        return None
-    return options.get("host", "localhost"), int(options.get("port", "2321"))
+    """(host, port) of an ``mssim:`` TCTI configuration, else None."""
+    return tcp_address(conf, "mssim")

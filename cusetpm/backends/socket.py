@@ -118,8 +118,14 @@ def swtpm_address(conf: str) -> tuple[str, int] | None:
     Such a TPM speaks raw commands on a socket, so :class:`SocketBackend` serves it without
     a thread hop per command (tpm2-tss's defaults: localhost, port 2321).
     """
+    return tcp_address(conf, "swtpm")
+
+
+def tcp_address(conf: str, tcti: str) -> tuple[str, int] | None:
+    """(host, port) of a ``TCTI:host=H,port=P`` configuration (tpm2-tss's defaults: localhost,
+    2321), else None (another TCTI, or options only tpm2-tss understands)."""
     name, _, rest = conf.partition(":")
-    if name != "swtpm":
+    if name != tcti:
         return None
     options = dict(item.partition("=")[::2] for item in rest.split(",") if item)
     if set(options) - {"host", "port"}:

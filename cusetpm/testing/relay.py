@@ -68,6 +68,22 @@ def _listen_pair(attempts: int = 200) -> tuple[int, list[socket.socket]]:
     raise RuntimeError("no free loopback port pair for the relay")
 
 
+def _accept_loop(
+    listener: socket.socket,
+    serve: Callable[[socket.socket], None],
+    sockets: list[socket.socket],
+    closing: Callable[[], bool],
+) -> None:
+    """Accept until the listener closes; each connection served in a daemon thread."""
+    while not closing():
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        sockets.append(conn)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
 def _shut(s: socket.socket) -> None:
     with contextlib.suppress(OSError):
         s.shutdown(socket.SHUT_RDWR)
@@ -105,13 +121,7 @@ class SwtpmMux:
             return recv_tpm_message(self._backend)
 
     def _accept(self, listener: socket.socket, serve: Callable[[socket.socket], None]) -> None:
-        while not self._closing:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            self._sockets.append(conn)
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+        _accept_loop(listener, serve, self._sockets, lambda: self._closing)
 
     def _serve_data(self, conn: socket.socket) -> None:
         with conn:
@@ -333,13 +343,7 @@ class MssimFront:
         threading.Thread(target=self._accept, args=(platform, self._serve_platform), daemon=True).start()
 
     def _accept(self, listener: socket.socket, serve: Callable[[socket.socket], None]) -> None:
-        while not self._closing:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            self._sockets.append(conn)
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+        _accept_loop(listener, serve, self._sockets, lambda: self._closing)
 
     def _serve_commands(self, conn: socket.socket) -> None:
         with conn:
