@@ -13,10 +13,8 @@ from __future__ import annotations
 import socket
 import struct
 
-import trio
-
 from .base import BackendError
-from .socket import SocketBackend, connect_tcp, tcp_address
+from .socket import SocketBackend, connect_tcp, recv_some, send_all, tcp_address
 
 SEND_COMMAND = 8
 SESSION_END = 20
@@ -29,24 +27,8 @@ LOCALITY = 0
 async def _recv_exact(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
-        try:
-            chunk = sock.recv(n - len(data))
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        if not chunk:
-            raise EOFError("the simulator closed the connection")
-        data += chunk
+        data += await recv_some(sock, n - len(data))
     return data
-
-
-async def _send_all(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
 
 
 class MssimBackend(SocketBackend):
@@ -61,11 +43,11 @@ class MssimBackend(SocketBackend):
             raise
         try:
             for signal_ in (POWER_ON, NV_ON):
-                await _send_all(platform, struct.pack(">I", signal_))
+                await send_all(platform, struct.pack(">I", signal_))
                 (rc,) = struct.unpack(">I", await _recv_exact(platform, 4))
                 if rc:
                     raise BackendError(f"the simulator refused platform signal {signal_}: {rc}")
-            await _send_all(platform, struct.pack(">I", SESSION_END))
+            await send_all(platform, struct.pack(">I", SESSION_END))
         except (OSError, EOFError) as exc:
             self._drop()
             raise BackendError(f"the simulator's platform port {self.host}:{self.port + 1}: {exc}") from None
@@ -75,7 +57,7 @@ class MssimBackend(SocketBackend):
     async def _exchange(self, data: bytes) -> bytes:
         sock = self._sock
         assert sock is not None
-        await _send_all(sock, struct.pack(">IBI", SEND_COMMAND, LOCALITY, len(data)) + data)
+        await send_all(sock, struct.pack(">IBI", SEND_COMMAND, LOCALITY, len(data)) + data)
         (size,) = struct.unpack(">I", await _recv_exact(sock, 4))
         rsp = await _recv_exact(sock, size)
         await _recv_exact(sock, 4)  # the simulator's acknowledgement

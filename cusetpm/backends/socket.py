@@ -36,6 +36,28 @@ async def connect_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+async def recv_some(sock: socket.socket, most: int = 65536) -> bytes:
+    """What the socket has (waiting for something); EOFError once the peer closed it."""
+    while True:
+        try:
+            chunk = sock.recv(most)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        if not chunk:
+            raise EOFError("TPM closed the connection")
+        return chunk
+
+
 class SocketBackend:
     """A TPM that speaks raw TPM 2.0 commands on a TCP stream, as swtpm's server port does.
 
@@ -79,22 +101,10 @@ class SocketBackend:
     async def _exchange(self, data: bytes) -> bytes:
         sock = self._sock
         assert sock is not None
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+        await send_all(sock, data)
         rsp = b""
         while True:
-            try:
-                chunk = sock.recv(65536)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            if not chunk:
-                raise EOFError("TPM closed the connection")
-            rsp += chunk
+            rsp += await recv_some(sock)
             if len(rsp) >= wire.TPM_HEADER_SIZE and len(rsp) >= be32(rsp, 2):
                 return rsp
 
