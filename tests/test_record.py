@@ -48,18 +48,23 @@ def test_record_of_a_missing_program_is_127(tmp_path):
 
 
 @pytest.mark.guest
-def test_check_finds_tpm2_tools_identical_on_both_kernels(tmp_path):
+@pytest.mark.parametrize("kernel", ["6.1", "6.12"])
+def test_check_finds_tpm2_tools_identical_to_each_kernel(tmp_path, kernel):
+    """The five-tool sequence, recorded and compared with one kernel at a time.  (Compared
+    across kernels, its replay is not meaningful: tpm2-tools' HMAC sessions use nonces of the
+    recording TPM, so the replayed commands fail from the first authorized one on, and the
+    kernels then differ in their error paths, as README's "Checking a program" says.)"""
     script = (
         "tpm2_createprimary -c p.ctx && tpm2_create -C p.ctx -u k.pub -r k.priv && "
         "tpm2_startauthsession -S s.ctx --policy-session && tpm2_policypcr -S s.ctx -l sha256:0 && "
         "tpm2_flushcontext s.ctx"
     )
-    r = cusetpm("check", "--kernel", "all", "--", "sh", "-c", script, cwd=tmp_path, timeout=1500)
+    r = cusetpm("check", "--kernel", kernel, "--", "sh", "-c", script, cwd=tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 scenarios identical, 0 differ" in r.stdout
-    for kernel in ("6.1", "6.12"):  # progress on stderr while it ran (not a terminal: plain lines)
-        assert f"cusetpm: [{kernel}] booting the guest: done in" in r.stderr
-        assert re.search(rf"cusetpm: \[{kernel}\] scenario 1/1 sh ", r.stderr), r.stderr
+    assert "1 scenarios identical, 0 differ" in r.stdout
+    # progress on stderr while it ran (not a terminal: plain lines)
+    assert f"cusetpm: [{kernel}] booting the guest: done in" in r.stderr
+    assert re.search(rf"cusetpm: \[{kernel}\] scenario 1/1 sh ", r.stderr), r.stderr
 
 
 #: A program that depends on a 6.1/6.12 difference: file b flushes file a's session, then a
