@@ -50,7 +50,7 @@ from tpm2_pytss import ESAPI, TCTILdr
 from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
 
 from cusetpm.testing.daemon import DaemonError, Served, mounted, start_serve
-from cusetpm.testing.relay import SwtpmMux
+from cusetpm.testing.relay import FlakyRelay, SwtpmMux
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
@@ -207,6 +207,30 @@ def daemon(tmp_path: Path) -> Iterator[StartDaemon]:
         for d in started:
             if d.mux is not None:
                 d.mux.close()
+
+
+@dataclass
+class RelayedTpm:
+    """A swtpm behind a multiplexer (the test asks it directly) behind a relay that fails on
+    purpose (cut, rewrite, retarget, drop): what ``daemon(extra_args=tpm.args)`` uses."""
+
+    mux: SwtpmMux
+    relay: FlakyRelay
+
+    @property
+    def args(self) -> list[str]:
+        return ["--tcti", f"swtpm:host=127.0.0.1,port={self.relay.port}"]
+
+
+@pytest.fixture
+def relayed_tpm(tmp_path: Path) -> Iterator[RelayedTpm]:
+    mux = SwtpmMux(tmp_path / "relayed-swtpm")
+    relay = FlakyRelay(mux.port)
+    try:
+        yield RelayedTpm(mux, relay)
+    finally:
+        relay.close()
+        mux.close()
 
 
 @pytest.fixture

@@ -151,6 +151,12 @@ def get_cap_handles(first: int = 0x80000000, count: int = 64) -> bytes:
     return command(tpm.CC_GET_CAPABILITY, u32(tpm.CAP_HANDLES) + u32(first) + u32(count))
 
 
+def transact(fd: int, data: bytes) -> bytes:
+    """One command through an open node file: write it whole, read the response."""
+    assert os.write(fd, data) == len(data)
+    return os.read(fd, 4096)
+
+
 def rc(rsp: bytes) -> int:
     return be32(rsp, 6)
 

@@ -161,7 +161,7 @@ MISBEHAVIOUR = {
     # ContextLoad's duration is the default 120 s: only answers that fail at once, here.
     + [(k, True) for k in ("garbage-header", "oversized", "size-too-small")],
 )
-def test_a_misbehaving_backend_gets_the_kernels_errno_and_spares_other_files(daemon, tmp_path, kind, keyed):
+def test_a_misbehaving_backend_gets_the_kernels_errno_and_spares_other_files(daemon, relayed_tpm, kind, keyed):
     """A file with an empty space gets the errno of tpm_try_transmit() for its command; one
     holding a key gets EFAULT, because the broken answer is its key's ContextLoad's
     (tpm2_load_context(): any system error is EFAULT).  What the TPM loaded meanwhile is
@@ -169,40 +169,31 @@ def test_a_misbehaving_backend_gets_the_kernels_errno_and_spares_other_files(dae
     import os
 
     from conftest import HR_LOADED_SESSION, HR_SAVED_SESSION, HR_TRANSIENT, get_cap_handles
-    from cusetpm.testing.relay import FlakyRelay, SwtpmMux
     from helpers import create_primary, get_random, rc, read_public
+    from helpers import transact as cmd
 
-    def cmd(fd: int, data: bytes) -> bytes:
-        assert os.write(fd, data) == len(data)
-        return os.read(fd, 4096)
-
-    mux = SwtpmMux(tmp_path / "swtpm")
-    relay = FlakyRelay(mux.port)
-    try:
-        d = daemon(extra_args=["--tcti", f"swtpm:host=127.0.0.1,port={relay.port}"])
-        bystander, victim = os.open(d.node, os.O_RDWR), os.open(d.node, os.O_RDWR)
-        assert rc(cmd(bystander, create_primary())) == 0
-        if keyed:
-            assert rc(cmd(victim, create_primary())) == 0
-        rewrite, code = MISBEHAVIOUR[kind]
-        relay.rewrite_next_response(rewrite)
-        with pytest.raises(OSError) as exc:
-            cmd(victim, get_random())
-        assert exc.value.errno == (errno.EFAULT if keyed else code)
-        # The victim's key reloads from its space, as the kernel's would (its saved context
-        # stays in the space); the bystander's too.
-        for fd in (victim, bystander) if keyed else (victim,):
-            assert rc(cmd(fd, get_random())) == 0
-        for fd in (victim, bystander) if keyed else (bystander,):
-            assert rc(cmd(fd, read_public(0x80FFFFFF))) == 0
-        os.close(bystander)
-        os.close(victim)
-        assert d.served.proc.poll() is None
-        for first in (HR_TRANSIENT, HR_LOADED_SESSION, HR_SAVED_SESSION):
-            assert get_cap_handles(mux.transact, first) == [], d.log()
-    finally:
-        relay.close()
-        mux.close()
+    mux, relay = relayed_tpm.mux, relayed_tpm.relay
+    d = daemon(extra_args=relayed_tpm.args)
+    bystander, victim = os.open(d.node, os.O_RDWR), os.open(d.node, os.O_RDWR)
+    assert rc(cmd(bystander, create_primary())) == 0
+    if keyed:
+        assert rc(cmd(victim, create_primary())) == 0
+    rewrite, code = MISBEHAVIOUR[kind]
+    relay.rewrite_next_response(rewrite)
+    with pytest.raises(OSError) as exc:
+        cmd(victim, get_random())
+    assert exc.value.errno == (errno.EFAULT if keyed else code)
+    # The victim's key reloads from its space, as the kernel's would (its saved context
+    # stays in the space); the bystander's too.
+    for fd in (victim, bystander) if keyed else (victim,):
+        assert rc(cmd(fd, get_random())) == 0
+    for fd in (victim, bystander) if keyed else (bystander,):
+        assert rc(cmd(fd, read_public(0x80FFFFFF))) == 0
+    os.close(bystander)
+    os.close(victim)
+    assert d.served.proc.poll() is None
+    for first in (HR_TRANSIENT, HR_LOADED_SESSION, HR_SAVED_SESSION):
+        assert get_cap_handles(mux.transact, first) == [], d.log()
 
 
 def test_device_backend_on_a_character_device_file(daemon, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from conftest import REPO
 from helpers import create_primary, get_random, rc, start_auth_session
+from helpers import transact as cmd
 
 
 def status(control: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -21,11 +22,6 @@ def status(control: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "cusetpm", "status", "--control", str(control), *extra],
         capture_output=True, text=True, timeout=30, cwd=REPO,
     )  # fmt: skip
-
-
-def cmd(fd: int, data: bytes) -> bytes:
-    os.write(fd, data)
-    return os.read(fd, 4096)
 
 
 def test_status_lists_the_tpm_the_node_and_each_open_file(daemon, tmp_path):

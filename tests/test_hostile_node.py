@@ -41,6 +41,7 @@ from cusetpm.testing.hostile import (
     sign,
     start_auth_session,
 )
+from helpers import transact as cmd
 
 N = int(os.environ.get("CUSETPM_HOSTILE_N", "10000"))
 SEED = int(os.environ.get("CUSETPM_HOSTILE_SEED", "10"))
@@ -48,11 +49,6 @@ SEED = int(os.environ.get("CUSETPM_HOSTILE_SEED", "10"))
 REOPEN = 50
 #: The bystander is checked every so many commands, not only at the end.
 CHECK_EVERY = int(os.environ.get("CUSETPM_HOSTILE_CHECK_EVERY", "500"))
-
-
-def cmd(fd: int, data: bytes) -> bytes:
-    assert os.write(fd, data) == len(data)
-    return os.read(fd, 4096)
 
 
 def ok(fd: int, data: bytes) -> bytes:

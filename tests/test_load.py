@@ -14,6 +14,7 @@ import time
 
 from conftest import BackendHandles, settled_backend_handles
 from helpers import create_primary, flush_context, get_cap_handles, get_random, rc, read_public, start_auth_session
+from helpers import transact as _cmd
 
 SECONDS = float(os.environ.get("CUSETPM_SOAK_SECONDS", "6"))
 CYCLES = int(os.environ.get("CUSETPM_SOAK_CYCLES", "300"))
@@ -22,11 +23,6 @@ FILES = 256
 #: more at once would get the TPM's own 0x905 (with the kernel's RM too).
 SESSION_FILES = 48
 VIRTUAL = 0x80FFFFFF
-
-
-def _cmd(fd: int, data: bytes) -> bytes:
-    assert os.write(fd, data) == len(data)
-    return os.read(fd, 4096)
 
 
 def _round(fd: int, with_session: bool) -> None:

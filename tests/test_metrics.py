@@ -12,6 +12,7 @@ import urllib.request
 
 from cusetpm.daemon.metrics import command_name, outcome
 from helpers import create_primary, get_random, rc
+from helpers import transact as cmd
 
 
 def free_port() -> int:
@@ -28,11 +29,6 @@ def scrape(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
-
-
-def cmd(fd: int, data: bytes) -> bytes:
-    os.write(fd, data)
-    return os.read(fd, 4096)
 
 
 def test_names_and_outcomes():

@@ -18,16 +18,12 @@ import pytest
 from conftest import HR_LOADED_SESSION, HR_TRANSIENT, get_cap_handles
 from cusetpm.daemon.recovery import CLOCK_SLACK_MS, TpmIdentity, flush_leftovers
 from cusetpm.testing.fake_tpm import FakeTpm
-from cusetpm.testing.relay import FlakyRelay, SwtpmMux
+from cusetpm.testing.relay import FlakyRelay
 from cusetpm.testing.swtpm import Swtpm
 from helpers import create_primary, get_random, rc, read_public
+from helpers import transact as cmd
 
 VIRTUAL = 0x80FFFFFF  # the first virtual handle of a space (tpm2_map_response_header)
-
-
-def cmd(fd: int, data: bytes) -> bytes:
-    assert os.write(fd, data) == len(data)
-    return os.read(fd, 4096)
 
 
 def wait_for_log(d, text: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
@@ -142,58 +138,48 @@ def test_an_external_tpm_restarted_on_its_state_is_a_new_epoch(daemon, tmp_path:
         sw.stop()
 
 
-def test_a_connection_cut_mid_response_keeps_the_tpm_and_what_other_files_hold(daemon, tmp_path: Path):
-    mux = SwtpmMux(tmp_path / "swtpm")
-    relay = FlakyRelay(mux.port)
-    try:
-        d = daemon(extra_args=["--tcti", f"swtpm:host=127.0.0.1,port={relay.port}"])
-        bystander, victim = os.open(d.node, os.O_RDWR), os.open(d.node, os.O_RDWR)
-        assert rc(cmd(bystander, create_primary())) == 0
-        relay.cut_next_response(after=4)
-        with pytest.raises(OSError) as exc:  # CreatePrimary ran in the TPM; its answer was lost
-            cmd(victim, create_primary())
-        assert exc.value.errno == errno.EPIPE
-        # The same TPM: the bystander's key loads again, the victim's file still works.
-        assert rc(retry_until_served(bystander, read_public(VIRTUAL))) == 0
-        wait_for_log(d, "the TPM is back, the same TPM (1 handles")
-        assert rc(cmd(victim, get_random())) == 0
-        # The object the cut-short CreatePrimary made was flushed; nothing else is loaded.
-        assert get_cap_handles(mux.transact, HR_TRANSIENT) == []
-        assert get_cap_handles(mux.transact, HR_LOADED_SESSION) == []
-        os.close(bystander)
-        os.close(victim)
-    finally:
-        relay.close()
-        mux.close()
+def test_a_connection_cut_mid_response_keeps_the_tpm_and_what_other_files_hold(daemon, relayed_tpm):
+    mux, relay = relayed_tpm.mux, relayed_tpm.relay
+    d = daemon(extra_args=relayed_tpm.args)
+    bystander, victim = os.open(d.node, os.O_RDWR), os.open(d.node, os.O_RDWR)
+    assert rc(cmd(bystander, create_primary())) == 0
+    relay.cut_next_response(after=4)
+    with pytest.raises(OSError) as exc:  # CreatePrimary ran in the TPM; its answer was lost
+        cmd(victim, create_primary())
+    assert exc.value.errno == errno.EPIPE
+    # The same TPM: the bystander's key loads again, the victim's file still works.
+    assert rc(retry_until_served(bystander, read_public(VIRTUAL))) == 0
+    wait_for_log(d, "the TPM is back, the same TPM (1 handles")
+    assert rc(cmd(victim, get_random())) == 0
+    # The object the cut-short CreatePrimary made was flushed; nothing else is loaded.
+    assert get_cap_handles(mux.transact, HR_TRANSIENT) == []
+    assert get_cap_handles(mux.transact, HR_LOADED_SESSION) == []
+    os.close(bystander)
+    os.close(victim)
 
 
-def test_while_the_tpm_is_unreachable_writes_fail_and_files_opened_meanwhile_work_after(daemon, tmp_path: Path):
-    mux = SwtpmMux(tmp_path / "swtpm")
-    relay = FlakyRelay(mux.port)
-    try:
-        d = daemon(extra_args=["--tcti", f"swtpm:host=127.0.0.1,port={relay.port}"])
-        holder = os.open(d.node, os.O_RDWR)
-        assert rc(cmd(holder, create_primary())) == 0
-        relay.target = 1  # nothing listens there: every reconnection fails
-        relay.drop()
+def test_while_the_tpm_is_unreachable_writes_fail_and_files_opened_meanwhile_work_after(daemon, relayed_tpm):
+    mux, relay = relayed_tpm.mux, relayed_tpm.relay
+    d = daemon(extra_args=relayed_tpm.args)
+    holder = os.open(d.node, os.O_RDWR)
+    assert rc(cmd(holder, create_primary())) == 0
+    relay.target = 1  # nothing listens there: every reconnection fails
+    relay.drop()
+    with pytest.raises(OSError) as exc:
+        cmd(holder, get_random())
+    assert exc.value.errno in (errno.EFAULT, errno.EPIPE)  # the key's load, or the command, failed
+    meanwhile = os.open(d.node, os.O_RDWR)
+    for fd in (holder, meanwhile):
         with pytest.raises(OSError) as exc:
-            cmd(holder, get_random())
-        assert exc.value.errno in (errno.EFAULT, errno.EPIPE)  # the key's load, or the command, failed
-        meanwhile = os.open(d.node, os.O_RDWR)
-        for fd in (holder, meanwhile):
-            with pytest.raises(OSError) as exc:
-                cmd(fd, get_random())
-            assert exc.value.errno == errno.EPIPE
-        time.sleep(0.5)  # several failed reconnections
-        assert d.served.proc.poll() is None
-        relay.target = mux.port
-        assert rc(retry_until_served(meanwhile, get_random())) == 0
-        assert rc(cmd(holder, read_public(VIRTUAL))) == 0  # the same TPM: the key is still there
-        os.close(holder)
-        os.close(meanwhile)
-    finally:
-        relay.close()
-        mux.close()
+            cmd(fd, get_random())
+        assert exc.value.errno == errno.EPIPE
+    time.sleep(0.5)  # several failed reconnections
+    assert d.served.proc.poll() is None
+    relay.target = mux.port
+    assert rc(retry_until_served(meanwhile, get_random())) == 0
+    assert rc(cmd(holder, read_public(VIRTUAL))) == 0  # the same TPM: the key is still there
+    os.close(holder)
+    os.close(meanwhile)
 
 
 def test_global_session_accounting_forgets_every_session_of_a_restarted_tpm(daemon, tmp_path: Path):
