@@ -243,9 +243,8 @@ class TpmChip:
                         await self.command(release_space(core, space), core)
                     log.warning("the TPM is back, the same TPM (%d handles of the cut-short command flushed)", flushed)
                 elif not self._transport_lost:
-                    self.available = False
                     await self.register()
-                    self.available = False
+                    self.available = False  # register() said yes; the new epoch is not set yet
                     self.epoch += 1
                     self.restarts += 1
                     for seam in {id(c.seam): c.seam for c in self._cores if c.seam is not None}.values():
