@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import trio
 
 from .backends import BackendError, open_backend
-from .daemon import Node, TpmChip
+from .daemon import TpmChip
 from .daemon.control import serve_control
-from .kernel.profiles import DEFAULT_PROFILE, PROFILES, get_profile
-from .kernel.seam import Seam
+from .kernel.profiles import DEFAULT_PROFILE, PROFILES
+from .kernel.seam import KERNEL, Seam
 from .kernel.tpm2_cmd import ChipInitError
+from .serve import Tenants
+from .tenants.config import ConfigError, DaemonConfig
+from .tenants.config import from_args as config_from_args
+from .tenants.config import load as load_config
 
 log = logging.getLogger("cusetpm")
 
@@ -33,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--node", choices=("auto", "cuse", "fuse"), default="auto",
         help="auto (default): a CUSE device where /dev/cuse works, else a FUSE file",
+    )  # fmt: skip
+    serve.add_argument(
+        "--config", metavar="FILE",
+        help="serve the tenant nodes FILE describes (TOML; see README, 'Tenants'); SIGHUP rereads it",
     )  # fmt: skip
     serve.add_argument("--cuse", metavar="NAME", help="serve /dev/NAME as a CUSE character device")
     serve.add_argument("--fuse", metavar="DIR", help="serve DIR/NAME as a FUSE file")
@@ -55,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--control", metavar="PATH", default=None,
         help="the control socket `cusetpm status` asks (mode 0600; default: cusetpm/control.sock in the "
-        "runtime dir, /run/cusetpm/control.sock for root); 'off': none",
+        "runtime dir, /run/cusetpm-control.sock for root); 'off': none",
     )  # fmt: skip
     serve.add_argument(
         "--metrics", metavar="HOST:PORT",
@@ -113,24 +121,6 @@ def add_session_options(serve: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def session_seam(args: argparse.Namespace) -> Seam | None:
-    """The seam ``--sessions`` asks for: None (the kernel's own) or one GlobalSessions that
-    every node on the chip shares."""
-    if args.sessions == "kernel":
-        return None
-    from .sessions import GlobalSessions, Settings
-
-    settings = Settings(
-        strict_tracking=args.session_tracking == "strict",
-        evict_min_idle=args.session_idle,
-        session_wait=args.session_wait,
-        max_sessions_per_uid=args.session_quota_uid,
-        max_sessions_per_space=args.session_quota_file,
-        max_detached_per_space=args.session_quota_detached,
-    )
-    return GlobalSessions(settings)
-
-
 def write_session_status(seam: Seam | None, path: Path | None) -> None:
     """SIGUSR1 under ``--sessions global``: the registry's snapshot as one JSON document,
     replacing ``path`` whole (or one stdout line), so a reader never sees half of it."""
@@ -179,72 +169,80 @@ def choose_node(args: argparse.Namespace) -> tuple[str, str]:
     return "fuse", args.fuse or default_fuse_dir()
 
 
-def _uid(value: str | None) -> int | None:
-    import pwd
+def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
+    """The config (``--config FILE``, or the command line's one node) and the front end."""
+    if args.config:
+        config = dataclasses.replace(load_config(args.config), **command_line_overrides(args))
+        kind = config.front
+        if kind == "auto":
+            kind = "cuse" if cuse_usable() else "fuse"
+            why = "/dev/cuse works" if kind == "cuse" else "this kernel has no usable /dev/cuse"
+            print(f"cusetpm: [front] node auto: {kind.upper()} ({why})", flush=True)
+        return config, kind
+    kind, where = choose_node(args)
+    return config_from_args(args, kind, where), kind
 
-    return None if value is None else int(value) if value.isdigit() else pwd.getpwnam(value).pw_uid
 
-
-def _gid(value: str | None) -> int | None:
-    import grp
-
-    return None if value is None else int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
+def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--control and --metrics given with --config win over the file's (a test harness, a
+    unit file's drop-in); a reload keeps them."""
+    return {key: value for key in ("control", "metrics") if (value := getattr(args, key))}
 
 
 async def serve(args: argparse.Namespace) -> int:
-    profile = get_profile(args.kernel)
-    kind, where = choose_node(args)
-    mode = int(args.mode, 8)
-    seam = session_seam(args)
-    control, control_path = open_control(args.control)
+    config, kind = daemon_config(args)
+    control, control_path = open_control(config.control)
     metrics = None
+    tenants: Tenants | None = None
     try:
-        async with open_backend(args.tcti, args.state_dir) as backend:
+        async with open_backend(config.tcti, config.state_dir) as backend:
             chip = TpmChip(backend)
             with trio.fail_after(30):
                 await chip.register()
+            tenants = Tenants(chip, config, kind, major=args.major, minor=args.minor,
+                              overrides=command_line_overrides(args))  # fmt: skip
+            if config.metrics:
+                from .daemon.metrics import Metrics
+
+                tenants.metrics = metrics = Metrics(chip, tenants.nodes)
             # The signal receiver is open before anyone is told the node serves, so a SIGTERM
             # sent right after the ready line is a clean shutdown, not the default death.
-            status = (signal.SIGUSR1,) if seam is not None else ()  # kernel mode: SIGUSR1 as before
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, *status) as signals:
+            wanted = [signal.SIGINT, signal.SIGTERM]
+            if any(nc.sessions == "global" for nc in config.nodes):
+                wanted.append(signal.SIGUSR1)  # kernel mode: SIGUSR1 as before
+            if config.path is not None:
+                wanted.append(signal.SIGHUP)
+            with trio.open_signal_receiver(*wanted) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(chip.serve)
-                    if kind == "cuse":
-                        from .frontends.cuse import serve_cuse
-
-                        node = Node(chip, profile, where, seam)
-                        path = os.path.join("/dev", where)
-                        await nursery.start(functools.partial(
-                            serve_cuse, node, where, major=args.major, minor=args.minor, mode=mode,
-                            owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
-                    else:
-                        from .frontends.fuse import serve_fuse
-
-                        node = Node(chip, profile, args.name or "tpmrm0", seam)
-                        path = os.path.join(os.path.abspath(where), node.name)
-                        await nursery.start(functools.partial(
-                            serve_fuse, node, where, name=node.name, mode=mode,
-                            owner=_uid(args.owner), group=_gid(args.group)))  # fmt: skip
-                    sessions = "" if seam is None else f", sessions {args.sessions}"
-                    print(f"cusetpm: serving {path} ({kind.upper()}, kernel {profile.name}{sessions})", flush=True)
-                    print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
+                    await tenants.start(nursery)
+                    paths = [tenants.path(n.name) for n in tenants.nodes]
+                    for node, path in zip(tenants.nodes, paths, strict=True):
+                        seam = node.core.seam
+                        sessions = "" if seam is None or seam.feature is KERNEL else ", sessions global"
+                        policy = ", tenant" if node.tenant is not None else ""
+                        print(f"cusetpm: serving {path} ({kind.upper()}, kernel {node.profile.name}{sessions}{policy})",
+                              flush=True)  # fmt: skip
+                        print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
                     if control is not None:
-                        nursery.start_soon(serve_control, chip, [node], control, control_path)
-                    if args.metrics:
-                        from .daemon.metrics import Metrics
-
-                        node.metrics = metrics = Metrics(chip, [node])
-                        metrics.listen(args.metrics)
+                        nursery.start_soon(serve_control, chip, tenants.nodes, control, control_path)
+                    if metrics is not None:
+                        metrics.listen(config.metrics or "")
                     if args.ready_fd is not None:
-                        signal_ready(args.ready_fd, path)
+                        signal_ready(args.ready_fd, paths[0])
                     async for signum in signals:
                         if signum == signal.SIGUSR1:
-                            write_session_status(seam, args.session_status)
+                            write_session_status(tenants.sessions_seam, args.session_status)
+                            continue
+                        if signum == signal.SIGHUP:
+                            await tenants.reload()
                             continue
                         log.info("shutting down")
                         nursery.cancel_scope.cancel()
                         break
     finally:
+        if tenants is not None:
+            tenants.close()
         if metrics is not None:
             metrics.close()
         if control is not None:  # the daemon did not get as far as serving it
@@ -301,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return trio.run(serve, args)
-    except (BackendError, ChipInitError, trio.TooSlowError, ValueError, KeyError, OSError) as exc:
+    except (BackendError, ChipInitError, ConfigError, trio.TooSlowError, ValueError, KeyError, OSError) as exc:
         message = "the backing TPM did not answer in time" if isinstance(exc, trio.TooSlowError) else str(exc)
         print(f"cusetpm: error: {message}", file=sys.stderr)
         return 1

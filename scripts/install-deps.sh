@@ -5,7 +5,8 @@ set -eu
 PKGS="python3 python3-venv python3-dev gcc pkg-config
       libfuse3-dev fuse3 libtss2-dev
       swtpm swtpm-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 dbus
-      qemu-system-x86 busybox-static cpio kmod xz-utils strace"
+      qemu-system-x86 busybox-static cpio kmod xz-utils strace tshark
+      tpm2-openssl bubblewrap"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -41,6 +41,7 @@ import signal
 import struct
 import subprocess
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -207,6 +208,68 @@ def daemon(tmp_path: Path) -> Iterator[StartDaemon]:
         for d in started:
             if d.mux is not None:
                 d.mux.close()
+
+
+@dataclass
+class Tenants:
+    """One ``cusetpm serve --config`` subprocess with its tenant nodes (FUSE files)."""
+
+    daemon: Daemon
+    config: Path
+    nodes: dict[str, Path]
+
+    def log(self) -> str:
+        return self.daemon.log()
+
+    def rewrite(self, nodes_toml: str) -> None:
+        """Replace the config's [[node]] tables (the rest stays), as an operator would."""
+        head = self.config.read_text().split("[[node]]", 1)[0]
+        self.config.write_text(head + nodes_toml)
+
+    def reload(self, expect: str) -> str:
+        """SIGHUP, then wait for the daemon's line that contains ``expect``; the new log part."""
+        before = len(self.log())
+        self.daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            new = self.log()[before:]
+            if expect in new:
+                return new
+            time.sleep(0.05)
+        pytest.fail(f"no {expect!r} within 20 s of SIGHUP; log:\n{self.log()}")
+
+
+StartTenants = Callable[..., Tenants]
+
+
+@pytest.fixture
+def tenants(tmp_path: Path) -> Iterator[StartTenants]:
+    """Factory: ``start(nodes_toml, extra_toml="", extra_args=())``: a daemon serving the
+    [[node]] tables given, as FUSE files in one directory, on its own managed swtpm."""
+    started: list[Daemon] = []
+
+    def start(nodes_toml: str, extra_toml: str = "", extra_args: Sequence[str] = ()) -> Tenants:
+        base = tmp_path / f"tenants{len(started)}"
+        base.mkdir(parents=True)
+        mount, state = base / "mnt", base / "state"
+        config = base / "cusetpm.toml"
+        config.write_text(
+            f'[tpm]\nstate_dir = "{state}"\n\n[front]\nnode = "fuse"\nfuse_dir = "{mount}"\n\n{extra_toml}\n{nodes_toml}'
+        )
+        try:
+            served = start_serve(["--config", str(config), "-v", *extra_args], log_path=base / "daemon.log",
+                                 mount=mount, cwd=REPO, timeout=START_TIMEOUT)  # fmt: skip
+        except DaemonError as exc:
+            _kill_swtpms(state)
+            pytest.fail(str(exc))
+        names = [n["name"] for n in tomllib.loads(config.read_text())["node"]]
+        d = Daemon(served, mount, served.node, state, "6.12")
+        started.append(d)
+        return Tenants(d, config, {name: mount / name for name in names})
+
+    yield start
+    for d in started:
+        d.assert_stopped_cleanly()
 
 
 @dataclass

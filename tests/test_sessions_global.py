@@ -327,11 +327,22 @@ def test_tpm2_tools_sessions_across_processes_keep_working(daemon: StartDaemon, 
     _no_sessions_left(d)
 
 
+def session_seam(argv: list[str]) -> object:
+    """The seam the command line's one node gets (cusetpm.serve.Tenants.seam_for)."""
+    from cusetpm.cli import build_parser
+    from cusetpm.serve import Tenants
+    from cusetpm.tenants.config import from_args
+
+    config = from_args(build_parser().parse_args(argv), "fuse", "/nonexistent")
+    return Tenants(None, config, "fuse").seam_for(config.nodes[0])  # type: ignore[arg-type]
+
+
 def test_the_session_options_build_the_seam() -> None:
-    from cusetpm.cli import build_parser, session_seam
     from cusetpm.sessions import GlobalSessions
 
-    parse = build_parser().parse_args
+    def parse(argv: list[str]) -> list[str]:
+        return argv
+
     assert session_seam(parse(["serve"])) is None  # kernel, the default: no seam at all
     seam = session_seam(
         parse(["serve", "--sessions", "global", "--session-tracking", "lazy", "--session-idle", "0.5",
@@ -473,12 +484,11 @@ def test_quotas_from_the_command_line_are_answered_by_the_rm(daemon: StartDaemon
 
 
 def test_the_quota_options_build_the_settings() -> None:
-    from cusetpm.cli import build_parser, session_seam
     from cusetpm.sessions import GlobalSessions
 
     args = ["serve", "--sessions", "global", "--session-quota-uid", "5", "--session-quota-file", "1",
             "--session-quota-detached", "0"]  # fmt: skip
-    seam = session_seam(build_parser().parse_args(args))
+    seam = session_seam(args)
     assert isinstance(seam, GlobalSessions)
     s = seam.settings
     assert (s.max_sessions_per_uid, s.max_sessions_per_space, s.max_detached_per_space) == (5, 1, 0)

@@ -247,7 +247,8 @@ class TpmChip:
                     self.available = False  # register() said yes; the new epoch is not set yet
                     self.epoch += 1
                     self.restarts += 1
-                    for seam in {id(c.seam): c.seam for c in self._cores if c.seam is not None}.values():
+                    features = {id(c.seam.feature): c.seam.feature for c in self._cores if c.seam is not None}
+                    for seam in features.values():
                         seam.tpm_restarted()
                     log.warning("the TPM was restarted: files opened before now get EPIPE (epoch %d)", self.epoch)
                 if not self._transport_lost:

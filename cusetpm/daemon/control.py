@@ -39,6 +39,7 @@ def _file(f: Any) -> dict[str, Any]:
         "uid": f.opener.uid,
         "gid": f.opener.gid,
         "pid": f.opener.pid,
+        "comm": f.comm,
         "objects": sum(1 for h in space.context_tbl if h),
         "sessions": [f"0x{h:08x}" for h in space.session_tbl if h],
         "busy": f.state.command_enqueued or f.lock.value == 0,
@@ -60,13 +61,14 @@ def snapshot(chip: TpmChip, nodes: list[Node]) -> dict[str, Any]:
         "nodes": [],
     }
     for node in nodes:
-        seam = node.core.seam
+        seam = node.core.seam.feature if node.core.seam is not None else None
         entry: dict[str, Any] = {
             "name": node.name,
             "kernel": node.profile.name,
             "seam": type(seam).__name__ if seam is not None else "kernel",
             "files": [_file(f) for f in sorted(node.files, key=lambda f: (f.opener.pid, id(f)))],
         }
+        entry.update(node.tenant_status())
         out["nodes"].append(entry)
         snap = getattr(seam, "snapshot", None)
         if snap is not None and seam not in seams:

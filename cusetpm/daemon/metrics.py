@@ -81,10 +81,11 @@ class _State(Collector):
         yield from (files, objects, sessions)
         seen: set[int] = set()
         for node in self.nodes:
-            snap = getattr(node.core.seam, "snapshot", None)
-            if snap is None or id(node.core.seam) in seen:
+            feature = node.core.seam.feature if node.core.seam is not None else None
+            snap = getattr(feature, "snapshot", None)
+            if snap is None or id(feature) in seen:
                 continue
-            seen.add(id(node.core.seam))
+            seen.add(id(feature))
             registry: dict[str, Any] = snap()
             yield GaugeMetricFamily("cusetpm_registry_sessions", "sessions the registry knows", value=registry["known"])
             yield GaugeMetricFamily(
@@ -109,6 +110,21 @@ class Metrics:
             "cusetpm_command_seconds", "user command latency in the daemon", ["node"], buckets=BUCKETS,
             registry=self.registry,
         )  # fmt: skip
+        self.refusals = Counter(
+            "cusetpm_refusals", "commands and opens a tenant's policy refused, by rule", ["node", "rule"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.throttle_waits = Counter(
+            "cusetpm_rate_waits", "commands held back by commands_per_second", ["node"], registry=self.registry
+        )
+        self.throttle_seconds = Counter(
+            "cusetpm_rate_wait_seconds", "time commands were held back by commands_per_second", ["node"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.node_backend = Counter(
+            "cusetpm_node_backend_commands", "commands sent to the TPM for each node's commands", ["node"],
+            registry=self.registry,
+        )  # fmt: skip
         self.registry.register(_State(chip, nodes))
         self._server: Any = None
 
@@ -119,6 +135,16 @@ class Metrics:
             self.latency.labels(node).observe(seconds)
         except Exception:  # metrics must never fail a command
             log.exception("metrics")
+
+    def refused(self, node: str, rule: str) -> None:
+        self.refusals.labels(node, rule).inc()
+
+    def throttled(self, node: str, seconds: float) -> None:
+        self.throttle_waits.labels(node).inc()
+        self.throttle_seconds.labels(node).inc(seconds)
+
+    def backend(self, node: str, commands: int) -> None:
+        self.node_backend.labels(node).inc(commands)
 
     def listen(self, where: str) -> None:
         """``HOST:PORT`` (``[v6]:PORT`` too).  A port in use is an OSError at start."""

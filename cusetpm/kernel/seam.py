@@ -27,6 +27,13 @@ class Seam:
     #: waits would hold up the very command that ends its wait.  The kernel never waits.
     may_wait = False
 
+    @property
+    def feature(self) -> Seam:
+        """The seam that holds state about the TPM: itself, unless it is a filter in front of
+        another (a tenant's policy in front of the shared session registry).  Status, metrics
+        and restarts go to each feature once, however many nodes share it."""
+        return self
+
     def before_command(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
         """See the command as user space wrote it, virtual handles and all, before anything
         reaches the TPM.  0 goes on; a positive value is the length of a response the seam

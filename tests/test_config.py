@@ -1,0 +1,112 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""cusetpm.tenants.config: what a config says, and the one line it gets when it is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cusetpm.cli import build_parser
+from cusetpm.tenants import policy as P
+from cusetpm.tenants.config import ConfigError, from_args, load, parse
+
+GOOD = """
+[tpm]
+state_dir = "/var/lib/cusetpm"
+
+[front]
+node = "fuse"
+fuse_dir = "/run/cusetpm"
+
+[metrics]
+listen = "127.0.0.1:9464"
+
+[sessions]
+wait = 1.5
+quota_uid = 4
+
+[[node]]
+name = "tenant-a"
+kernel = "6.1"
+sessions = "global"
+mode = "0600"
+owner = 0
+nv = ["0x01500000-0x015000ff"]
+pcrs = [16, 23]
+max_open = 4
+commands_per_second = 50
+audit = "-"
+
+[[node]]
+name = "tenant-b"
+deny = []
+hierarchies = ["owner", "endorsement", "platform", "lockout"]
+"""
+
+
+def test_a_config_gives_each_node_its_kernel_front_end_and_policy() -> None:
+    c = parse(GOOD, Path("x.toml"))
+    assert (c.front, c.fuse_dir, c.metrics, str(c.state_dir)) == (
+        "fuse",
+        "/run/cusetpm",
+        "127.0.0.1:9464",
+        "/var/lib/cusetpm",
+    )
+    assert (c.sessions.session_wait, c.sessions.max_sessions_per_uid) == (1.5, 4)
+    a, b = c.nodes
+    assert (a.name, a.kernel, a.sessions, a.mode, a.owner, a.audit) == ("tenant-a", "6.1", "global", 0o600, 0, "-")
+    assert a.policy.nv is not None and 0x01500010 in a.policy.nv and 0x01500100 not in a.policy.nv
+    assert a.policy.pcrs == {16, 23} and a.policy.max_open == 4 and a.policy.commands_per_second == 50
+    assert P.command_code("Clear") in a.policy.deny  # the default deny list
+    assert a.policy.hierarchies == {P.HIERARCHIES["owner"], P.HIERARCHIES["endorsement"]}  # the default
+    assert b.policy.deny == frozenset() and b.policy.hierarchies == frozenset(P.HIERARCHIES.values())
+    assert b.kernel == "6.12" and b.sessions == "kernel" and b.mode == 0o660
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ('name = "tenant-b"\nnvv = []', "unknown key 'nvv'"),
+        ('name = "tenant-b"\nkernel = "5.4"', "kernel must be one of"),
+        ('name = "tenant-b"\ndeny = ["Klear"]', "unknown TPM command name 'Klear'"),
+        ('name = "tenant-b"\nnv = ["0x1-zz"]', "nv:"),
+        ('name = "tenant-b"\npcrs = [40]', "PCR numbers are 0..31"),
+        ('name = "tenant-b"\nmax_open = -1', "max_open must be"),
+        ('name = "tenant-b"\nhierarchies = ["null"]', "hierarchies"),
+        ('name = "tenant-b"\nmode = "999"', "mode must be octal"),
+        ('name = "tenant-a"', "two [[node]] tables are named 'tenant-a'"),
+        ('name = "a/b"', "name must be a file name"),
+        ('name = "tenant-b"\nowner = "no-such-user-here"', "no such user"),
+        ('name = "tenant-b"\nsessions = "lazy"', "sessions must be"),
+    ],
+)
+def test_a_wrong_config_is_one_line_that_says_where_and_why(change: str, message: str) -> None:
+    text = GOOD.rsplit("[[node]]", 1)[0] + "[[node]]\n" + change + "\n"
+    with pytest.raises(ConfigError) as err:
+        parse(text, Path("x.toml"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith("x.toml")
+
+
+def test_a_file_that_is_not_toml_or_has_no_node_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[[node]\n")
+    with pytest.raises(ConfigError, match="not TOML"):
+        load(f)
+    f.write_text("[tpm]\n")
+    with pytest.raises(ConfigError, match="at least one"):
+        load(f)
+    with pytest.raises(ConfigError, match="No such file"):
+        load(tmp_path / "missing.toml")
+    f.write_text('[front]\nnode = "usb"\n[[node]]\nname = "x"\n')
+    with pytest.raises(ConfigError, match="front"):
+        load(f)
+
+
+def test_the_command_line_is_the_one_tenant_case_with_no_policy() -> None:
+    args = build_parser().parse_args(["serve", "--fuse", "/tmp/x", "--kernel", "6.1", "--mode", "0640"])
+    c = from_args(args, "fuse", "/tmp/x")
+    (node,) = c.nodes
+    assert (node.name, node.kernel, node.mode, node.policy) == ("tpmrm0", "6.1", 0o640, P.OPEN)
+    assert c.path is None and c.fuse_dir == "/tmp/x"
