@@ -4,13 +4,16 @@
 ``record`` serves a node (FUSE, on its own fresh swtpm), runs the program with the usual
 variables pointing at it, and writes what the daemon saw as a conformance scenario
 (:class:`cusetpm.daemon.recorder.Recorder`).  The program's exit status is passed through.
-``check`` records (or takes a ``.scn`` file) and replays the scenario against the real
-kernels in their qemu guests and against the node, through ``cusetpm conformance``.
+``check -- PROGRAM`` runs the program itself on a fresh node here and on each real kernel's
+/dev/tpmrm0 in its qemu guest, traced, and compares what it observed
+(:mod:`cusetpm.conformance.live_run`); ``check FILE.scn`` replays a scenario against the kernels
+and the node, through ``cusetpm conformance``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import re
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import trio
 
@@ -54,10 +57,13 @@ def node_kind(requested: str) -> str:
     return "cuse" if cuse_usable() else "fuse"
 
 
-async def record(program: list[str], *, kernel: str = DEFAULT_PROFILE, tcti: str | None = None,
-                 program_stdout: int | None = None, node_kind: str = "fuse") -> tuple[int, str]:  # fmt: skip
-    """Run ``program`` against a fresh node (``node_kind`` "fuse" or "cuse"); returns its exit
-    status and the scenario."""
+@contextlib.asynccontextmanager
+async def serving(
+    kernel: str = DEFAULT_PROFILE, tcti: str | None = None, node_kind: str = "fuse", recorder: Recorder | None = None
+) -> AsyncIterator[str]:
+    """A fresh node (``node_kind`` "fuse" or "cuse", on its own fresh swtpm unless ``tcti``)
+    while the body runs; yields its path.  On the way out it waits for the last closes (FUSE
+    sends RELEASE after close() returned), so what the body's programs did is all done."""
     profile = get_profile(kernel)
     with tempfile.TemporaryDirectory(prefix="cusetpm-record-") as tmp:
         async with open_backend(tcti, Path(tmp) / "swtpm") as backend:
@@ -65,7 +71,7 @@ async def record(program: list[str], *, kernel: str = DEFAULT_PROFILE, tcti: str
             with trio.fail_after(30):
                 await chip.register()
             node = Node(chip, profile)
-            recorder = node.recorder = Recorder()
+            node.recorder = recorder
             async with trio.open_nursery() as nursery:
                 await nursery.start(chip.serve)
                 if node_kind == "cuse":
@@ -80,14 +86,22 @@ async def record(program: list[str], *, kernel: str = DEFAULT_PROFILE, tcti: str
                     mnt = os.path.join(tmp, "mnt")
                     await nursery.start(serve_fuse, node, mnt)
                     path = os.path.join(mnt, node.name)
-                proc = await trio.run_process(
-                    program, env=client_environment(path), check=False, stdin=None, stdout=program_stdout
-                )
-                # FUSE sends RELEASE after close() returned: let the last closes arrive.
+                yield path
                 with trio.move_on_after(5):
                     while node.files:
                         await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
+
+
+async def record(program: list[str], *, kernel: str = DEFAULT_PROFILE, tcti: str | None = None,
+                 program_stdout: int | None = None, node_kind: str = "fuse") -> tuple[int, str]:  # fmt: skip
+    """Run ``program`` against a fresh node (``node_kind`` "fuse" or "cuse"); returns its exit
+    status and the scenario."""
+    recorder = Recorder()
+    async with serving(kernel, tcti, node_kind, recorder) as path:
+        proc = await trio.run_process(
+            program, env=client_environment(path), check=False, stdin=None, stdout=program_stdout
+        )
     header = f"recorded by cusetpm record (kernel {kernel}, {node_kind.upper()}): {subprocess.list2cmdline(program)}"
     return proc.returncode, recorder.scenario(scenario_name(program), header)
 
@@ -96,7 +110,7 @@ def add_parsers(sub: Any) -> None:
     """``cusetpm record`` and ``cusetpm check``."""
     for name, help_ in (
         ("record", "run a program against a node and write what it did as a scenario"),
-        ("check", "record a program (or take a .scn file) and compare it with the real kernels"),
+        ("check", "run a program (or replay a .scn file) on the node and on the real kernels and compare"),
     ):
         p = sub.add_parser(name, help=help_)
         if name == "record":
@@ -110,9 +124,17 @@ def add_parsers(sub: Any) -> None:
             p.add_argument("-o", "--output", metavar="FILE", help="write the scenario here (default: stdout)")
         else:
             p.add_argument("--kernel", default="all", choices=[*sorted(PROFILES), "all"], help="kernel(s)")
-            p.add_argument("--node", default="fuse", choices=("fuse", "cuse"), help="which cusetpm node to compare")
-            p.add_argument("--timeout", type=float, default=1500.0, help="limit for one guest run (seconds)")
-        p.add_argument("--tcti", metavar="CONF", help="backing TPM while recording (default: a fresh swtpm)")
+            p.add_argument(
+                "--node",
+                default="auto",
+                choices=("auto", "fuse", "cuse"),
+                help="which cusetpm node to compare (default auto: for a program, CUSE where this host's "
+                "/dev/cuse works, else FUSE; for a .scn, FUSE in the guest)",
+            )
+            p.add_argument(
+                "--timeout", type=float, default=1500.0, help="limit for one guest run and for the program (seconds)"
+            )
+        p.add_argument("--tcti", metavar="CONF", help="the node's backing TPM (default: a fresh swtpm)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
         p.add_argument(
             "program",
@@ -158,39 +180,31 @@ def run_record(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Exit status 0 only if the node and every chosen kernel agree on every step, and the
-    kernels agree with each other (a program that depends on the kernel is a finding)."""
+    kernels agree with each other (a program that depends on the kernel is a finding).
+
+    ``check -- PROGRAM`` runs the program itself in every environment (live,
+    :mod:`cusetpm.conformance.live_run`); ``check FILE.scn`` replays a scenario
+    (``cusetpm conformance``)."""
     from . import progress
     from .conformance.cli import run_conformance
 
     progress.configure(quiet=args.quiet)
     program = _program(args)
-    with tempfile.TemporaryDirectory(prefix="cusetpm-check-") as tmp:
-        if len(program) == 1 and program[0].endswith(".scn") and os.path.isfile(program[0]):
-            scn = program[0]
-        elif _missing(program):
-            return 127
-        else:
-            kernel = DEFAULT_PROFILE if args.kernel == "all" else args.kernel
-            rc, text = trio.run(
-                lambda: record(
-                    program,
-                    kernel=kernel,
-                    tcti=args.tcti,
-                    program_stdout=sys.stderr.fileno(),
-                    node_kind=node_kind("auto"),
-                )  # fmt: skip
-            )
-            progress.note(f"check: the program exited with status {rc}; {text.count(chr(10)) - 2} calls recorded")
-            scn = os.path.join(tmp, f"{scenario_name(program)}.scn")
-            Path(scn).write_text(text)
+    if len(program) == 1 and program[0].endswith(".scn") and os.path.isfile(program[0]):
         conf = argparse.Namespace(
             kernel=args.kernel,
-            node=args.node,
+            node="fuse" if args.node == "auto" else args.node,
             only=[],
             timeout=args.timeout,
             json=None,
-            files=[scn],
+            files=[program[0]],
             kernels_must_agree=True,
             quiet=args.quiet,
         )
         return run_conformance(conf)
+    if _missing(program):
+        return 127
+    from .conformance.live_run import check_live
+
+    kernels = list(PROFILES) if args.kernel == "all" else [args.kernel]
+    return check_live(program, kernels, node_kind=node_kind(args.node), tcti=args.tcti, timeout=args.timeout)

@@ -47,24 +47,42 @@ def test_record_of_a_missing_program_is_127(tmp_path):
     assert cusetpm("record", "--", "no-such-program-here", cwd=tmp_path).returncode == 127
 
 
+TPM2_TOOLS = (
+    "tpm2_createprimary -c p.ctx && tpm2_create -C p.ctx -u k.pub -r k.priv && "
+    "tpm2_startauthsession -S s.ctx --policy-session && tpm2_policypcr -S s.ctx -l sha256:0 && "
+    "tpm2_flushcontext s.ctx"
+)
+
+
 @pytest.mark.guest
-@pytest.mark.parametrize("kernel", ["6.1", "6.12"])
-def test_check_finds_tpm2_tools_identical_to_each_kernel(tmp_path, kernel):
-    """The five-tool sequence, recorded and compared with one kernel at a time.  (Compared
-    across kernels, its replay is not meaningful: tpm2-tools' HMAC sessions use nonces of the
-    recording TPM, so the replayed commands fail from the first authorized one on, and the
-    kernels then differ in their error paths, as README's "Checking a program" says.)"""
-    script = (
-        "tpm2_createprimary -c p.ctx && tpm2_create -C p.ctx -u k.pub -r k.priv && "
-        "tpm2_startauthsession -S s.ctx --policy-session && tpm2_policypcr -S s.ctx -l sha256:0 && "
-        "tpm2_flushcontext s.ctx"
-    )
-    r = cusetpm("check", "--kernel", kernel, "--", "sh", "-c", script, cwd=tmp_path, timeout=1500)
+def test_check_finds_tpm2_tools_identical_to_each_kernel_and_the_kernels_to_each_other(tmp_path):
+    """The five-tool sequence, run live in every environment: each tool loads the contexts the
+    one before saved (``-C p.ctx``, ``-S s.ctx``) from the same TPM, as for a user, so the node
+    and both kernels observe the same and the kernels agree with each other."""
+    r = cusetpm("check", "--kernel", "all", "--", "sh", "-c", TPM2_TOOLS, cwd=tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "1 scenarios identical, 0 differ" in r.stdout
+    calls = re.search(
+        r"^\[6\.1\] node and kernel: identical \((\d+) calls, exit status 0, node (fuse|cuse)\)$", r.stdout, re.M
+    )
+    assert calls and int(calls.group(1)) > 100, r.stdout  # the five tools' calls, all compared
+    assert (
+        f"[6.12] node and kernel: identical ({calls.group(1)} calls, exit status 0, node {calls.group(2)})" in r.stdout
+    )
+    assert f"kernels 6.1 and 6.12: identical ({calls.group(1)} calls, exit status 0)" in r.stdout
+    assert "DIFFER" not in r.stdout and "ERROR" not in r.stdout
+    assert list(tmp_path.iterdir()) == []  # p.ctx and the rest went to fresh directories
     # progress on stderr while it ran (not a terminal: plain lines)
-    assert f"cusetpm: [{kernel}] booting the guest: done in" in r.stderr
-    assert re.search(rf"cusetpm: \[{kernel}\] scenario 1/1 sh ", r.stderr), r.stderr
+    for kernel in ("6.1", "6.12"):
+        assert f"cusetpm: [{kernel}] on the node: exit status 0, {calls.group(1)} calls" in r.stderr, r.stderr
+        assert f"cusetpm: [{kernel}] booting the guest: done in" in r.stderr
+        assert f"cusetpm: [{kernel}] sh on the kernel's /dev/tpmrm0: exit status 0 in " in r.stderr, r.stderr
+
+
+@pytest.mark.guest
+def test_check_of_one_tool_is_identical_on_every_kernel(tmp_path):
+    r = cusetpm("check", "-q", "--", "tpm2_createprimary", "-c", "p.ctx", cwd=tmp_path, timeout=1500)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "kernels 6.1 and 6.12: identical" in r.stdout and "cusetpm: [" not in r.stderr
 
 
 #: A program that depends on a 6.1/6.12 difference: file b flushes file a's session, then a
@@ -91,11 +109,16 @@ def test_check_reports_a_program_that_depends_on_the_kernel(tmp_path):
     prog.write_text(FLUSHES_ANOTHERS_SESSION)
     r = cusetpm("check", "-q", "--kernel", "all", "--", sys.executable, str(prog), cwd=tmp_path, timeout=1500)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "cusetpm: [" not in r.stderr and "calls recorded" not in r.stderr  # -q: no progress
-    assert "1 scenarios identical, 0 differ" in r.stdout  # the node reproduces each kernel...
-    assert "KERNELS DIFFER" in r.stdout and "6.1:   EFAULT" in r.stdout  # ...but the kernels disagree
+    assert "cusetpm: [" not in r.stderr  # -q: no progress
+    assert re.search(r"^\[6\.1\] node and kernel: identical \(7 calls, exit status 1,", r.stdout, re.M), r.stdout
+    assert re.search(r"^\[6\.12\] node and kernel: identical \(10 calls, exit status 0,", r.stdout, re.M)
+    # ...the node reproduces each kernel, but the kernels disagree
+    assert "KERNELS DIFFER python" in r.stdout and "`write a len=12 cc=0x17b`:\n    6.1:   EFAULT\n" in r.stdout
     assert "another file flushed this file's session" in " ".join(r.stdout.split())
-    assert "1 scenarios differ between them (the program depends on the kernel)" in r.stdout
+    assert "follows from step 7 (the same file)" in r.stdout  # 6.1's a makes no further call
+    assert re.search(r"exit status:\n    6\.1:   1\n    6\.12:  0\n", r.stdout), r.stdout
+    assert "| OSError: [Errno 14] Bad address" in r.stdout  # what the program said on 6.1
+    assert "kernels 6.1 and 6.12: 3 differences between them (the program depends on the kernel)" in r.stdout
 
 
 def _replay(node: Path, scn: Path, out: Path) -> list[tuple[str, str]]:
