@@ -23,23 +23,58 @@ if TYPE_CHECKING:
 NR_SLOTS = 3
 
 
+#: Bytes before a saved context's blob: sequence (8), savedHandle, hierarchy (4 each), size (2).
+_CONTEXT_HEADER = 18
+
+
+def _used(buf: bytearray, blobs: int) -> int:
+    """Where the last of ``blobs`` saved contexts packed at the start of ``buf`` ends (the
+    whole buffer if the sizes do not add up: then nothing is trimmed)."""
+    offset = 0
+    for _ in range(blobs):
+        if offset + _CONTEXT_HEADER > len(buf):
+            return len(buf)
+        offset += _CONTEXT_HEADER + int.from_bytes(buf[offset + 16 : offset + 18], "big")
+    return min(offset, len(buf))
+
+
 @dataclass
 class Space:
-    """struct tpm_space: three object slots, three session slots and their context blobs."""
+    """struct tpm_space: three object slots, three session slots and their context blobs.
+
+    The kernel allocates both 16 KiB buffers at open.  Here a file's space holds only the
+    bytes its saved contexts use (none for an idle file), so a thousand open files cost next
+    to nothing; the chip's work space (``full``) keeps both buffers whole, so every bound the
+    kernel checks against TPM2_SPACE_BUFFER_SIZE is the same.  Bytes past the last saved
+    context are never read, by the kernel or here.
+    """
 
     context_tbl: list[int] = field(default_factory=lambda: [0] * NR_SLOTS)
-    context_buf: bytearray = field(default_factory=lambda: bytearray(wire.TPM2_SPACE_BUFFER_SIZE))
+    context_buf: bytearray = field(default_factory=bytearray)
     session_tbl: list[int] = field(default_factory=lambda: [0] * NR_SLOTS)
-    session_buf: bytearray = field(default_factory=lambda: bytearray(wire.TPM2_SPACE_BUFFER_SIZE))
+    session_buf: bytearray = field(default_factory=bytearray)
     #: Who opened the file (not in the kernel's struct): what a seam may key its decisions on.
     owner: object = None
+    #: The work space: both buffers TPM2_SPACE_BUFFER_SIZE bytes, always.
+    full: bool = False
+
+    def __post_init__(self) -> None:
+        if self.full:
+            self.context_buf = bytearray(wire.TPM2_SPACE_BUFFER_SIZE)
+            self.session_buf = bytearray(wire.TPM2_SPACE_BUFFER_SIZE)
 
     def copy_from(self, other: Space) -> None:
-        """The memcpy()s of prepare/commit: tables and both whole buffers."""
+        """The memcpy()s of prepare/commit: tables and the buffers' contexts."""
         self.context_tbl[:] = other.context_tbl
         self.session_tbl[:] = other.session_tbl
-        self.context_buf[:] = other.context_buf
-        self.session_buf[:] = other.session_buf
+        if self.full:  # file -> work space: the saved contexts, the rest as it was
+            self.context_buf[: len(other.context_buf)] = other.context_buf
+            self.session_buf[: len(other.session_buf)] = other.session_buf
+        else:  # work space -> file: only what the saved contexts use
+            objects = sum(1 for h in other.context_tbl if h)
+            sessions = sum(1 for h in other.session_tbl if h)
+            self.context_buf = bytearray(other.context_buf[: _used(other.context_buf, objects)])
+            self.session_buf = bytearray(other.session_buf[: _used(other.session_buf, sessions)])
 
 
 @dataclass
@@ -54,7 +89,7 @@ class Chip:
     #: linear search, answered in one look-up (it runs three times per command).
     cc_index: dict[int, int] = field(default_factory=dict)
     #: Scratch copy of the space of the file whose command is running (chip->work_space).
-    work_space: Space = field(default_factory=Space)
+    work_space: Space = field(default_factory=lambda: Space(full=True))
     #: Command code of the command in progress (chip->last_cc).
     last_cc: int = 0
     #: The opt-in feature that sees every command (None: the kernel's own behaviour).

@@ -126,9 +126,8 @@ def replace_session_blob(space: Space, handle: int, blob: bytes) -> bool:
     """Put a refreshed context in place of ``handle``'s."""
     for i, offset, size in _blobs(space):
         if space.session_tbl[i] == handle:
-            whole = len(space.session_buf)
             data = bytes(space.session_buf[:offset]) + blob + bytes(space.session_buf[offset + size :])
-            space.session_buf[:] = data[:whole].ljust(whole, b"\0")
+            space.session_buf[:] = data[: wire.TPM2_SPACE_BUFFER_SIZE]
             return True
     return False
 
