@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-fd", type=int, metavar="N",
         help="once the node serves, write its path and a newline to file descriptor N and close it",
     )  # fmt: skip
+    serve.add_argument(
+        "--swap", choices=("kernel", "lazy"), default="kernel",
+        help="kernel (default): save and flush a file's contexts after every command, as the kernel does; "
+        "lazy: keep the last file's loaded until another file needs the TPM",
+    )  # fmt: skip
     add_session_options(serve)
     serve.add_argument(
         "--control", metavar="PATH", default=None,
@@ -183,6 +188,10 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
     return config_from_args(args, kind, where), kind
 
 
+def _feature_name(seam: Seam) -> str:
+    return "swap lazy" if type(seam.feature).__name__ == "LazySwap" else "sessions global"
+
+
 def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """--control and --metrics given with --config win over the file's (a test harness, a
     unit file's drop-in); a reload keeps them."""
@@ -219,7 +228,7 @@ async def serve(args: argparse.Namespace) -> int:
                     paths = [tenants.path(n.name) for n in tenants.nodes]
                     for node, path in zip(tenants.nodes, paths, strict=True):
                         seam = node.core.seam
-                        sessions = "" if seam is None or seam.feature is KERNEL else ", sessions global"
+                        sessions = "" if seam is None or seam.feature is KERNEL else f", {_feature_name(seam)}"
                         policy = ", tenant" if node.tenant is not None else ""
                         print(f"cusetpm: serving {path} ({kind.upper()}, kernel {node.profile.name}{sessions}{policy})",
                               flush=True)  # fmt: skip

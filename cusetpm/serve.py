@@ -51,6 +51,7 @@ class Tenants:
         self._scopes: dict[str, trio.CancelScope] = {}
         self._fuse: TpmFuse | None = None
         self._sessions: Seam | None = None
+        self._swap: Seam | None = None
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -76,6 +77,12 @@ class Tenants:
         return self.config.fuse_dir or default_fuse_dir()
 
     def seam_for(self, nc: NodeConfig) -> Seam | None:
+        if self.config.swap == "lazy":
+            if self._swap is None:
+                from .swap import LazySwap
+
+                self._swap = LazySwap()
+            return self._swap  # one for the chip: the TPM's slots are the chip's
         if nc.sessions != "global":
             return None
         if self._sessions is None:
@@ -169,7 +176,7 @@ class Tenants:
 
     def check(self, new: DaemonConfig) -> None:
         """What a reload cannot change without a restart; ConfigError says which."""
-        for attr in ("tcti", "state_dir", "front", "fuse_dir", "metrics", "control", "sessions"):
+        for attr in ("tcti", "state_dir", "front", "fuse_dir", "metrics", "control", "sessions", "swap"):
             if getattr(new, attr) != getattr(self.config, attr):
                 raise ConfigError(f"{new.path}: {attr} cannot change on reload (restart the daemon)")
         for nc in new.nodes:

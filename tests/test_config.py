@@ -110,3 +110,15 @@ def test_the_command_line_is_the_one_tenant_case_with_no_policy() -> None:
     (node,) = c.nodes
     assert (node.name, node.kernel, node.mode, node.policy) == ("tpmrm0", "6.1", 0o640, P.OPEN)
     assert c.path is None and c.fuse_dir == "/tmp/x"
+
+
+def test_swap_lazy_is_a_setting_of_the_tpm_and_not_with_global_sessions() -> None:
+    head = '[tpm]\nswap = "lazy"\n\n[[node]]\nname = "a"\n'
+    assert parse(head).swap == "lazy"
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        parse(head + 'sessions = "global"\n')
+    with pytest.raises(ConfigError, match="swap must be"):
+        parse(head.replace('"lazy"', '"eager"'))
+    args = build_parser().parse_args(["serve", "--swap", "lazy", "--sessions", "global"])
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        from_args(args, "fuse", "/tmp/x")

@@ -46,11 +46,16 @@ CORPUS = default_corpus()
 # --- guest: the whole corpus against both kernels, for the CUSE node and the FUSE file ---------
 
 
-@pytest.fixture(scope="module", params=[(k, n) for n in NODE_KINDS for k in KERNELS], ids=lambda p: f"{p[1]}-{p[0]}")
+#: Opt-in features whose node must still answer as the kernel does, on the FUSE file.
+FEATURES = {"swap-lazy": ("--swap", "lazy")}
+PARAMS = [(k, n, "") for n in NODE_KINDS for k in KERNELS] + [(k, "fuse", f) for f in FEATURES for k in KERNELS]
+
+
+@pytest.fixture(scope="module", params=PARAMS, ids=lambda p: "-".join(x for x in (p[1], p[2], p[0]) if x))
 def comparison(request) -> Comparison:
-    kernel, node = request.param
+    kernel, node, feature = request.param
     t0 = time.monotonic()
-    result = compare(kernel, [CORPUS], node=node)
+    result = compare(kernel, [CORPUS], node=node, serve_args=FEATURES.get(feature, ()))
     print(
         f"\nconformance {kernel} ({node}): {len(result.outcomes)} scenarios, guest {result.guest_seconds:.0f}s, "
         f"call {time.monotonic() - t0:.0f}s, in-guest phases {result.raw.get('phases')}"
@@ -87,13 +92,14 @@ def test_transcripts_identical_to_the_kernel(comparison: Comparison) -> None:
 HOST_SCENARIOS = ["read-partial", "write-ebusy", "object-slots-exhaustion", "session-slots", "nonblock-async-errors"]
 
 
+@pytest.mark.parametrize("feature", ["", "swap-lazy"])
 @pytest.mark.parametrize("name", HOST_SCENARIOS)
-def test_corpus_scenario_on_host_daemon(name: str, daemon) -> None:
+def test_corpus_scenario_on_host_daemon(name: str, feature: str, daemon) -> None:
     """The runner against a ``cusetpm serve --fuse`` daemon on this host, fresh per scenario:
     every expectation the corpus states for 6.12 holds (the guest tests compare with the real
     kernel; this catches runner or daemon breakage in seconds)."""
     (sc,) = [s for s in load_scenarios([CORPUS]) if s.name == name]
-    node = str(daemon(kernel="6.12").node)
+    node = str(daemon(kernel="6.12", extra_args=FEATURES.get(feature, ())).node)
     waiter = _auto_close_waiter(node) or (lambda: time.sleep(FUSE_CLOSE_SETTLE))
     tr = run_scenario(sc, node, kernel="6.12", after_close=waiter)
     assert tr["error"] is None, tr

@@ -30,11 +30,14 @@ NV_INDEX = "0x1500016"
 PERSISTENT = "0x81000001"
 
 
-@pytest.fixture(params=["kernel", "global"], ids=["sessions-kernel", "sessions-global"])
+MODES = {"kernel": [], "global": ["--sessions", "global"], "lazy": ["--swap", "lazy"]}
+
+
+@pytest.fixture(params=list(MODES), ids=["sessions-kernel", "sessions-global", "swap-lazy"])
 def node(daemon: StartDaemon, request: pytest.FixtureRequest) -> Path:
-    """Every tool sequence runs on a kernel-mode node and on one with global session
-    accounting: unmodified tpm2-tools must see no difference."""
-    extra = [] if request.param == "kernel" else ["--sessions", "global"]
+    """Every tool sequence runs on a kernel-mode node, on one with global session accounting
+    and on one with lazy context swapping: unmodified tpm2-tools must see no difference."""
+    extra = MODES[request.param]
     return daemon(extra_args=extra).node
 
 

@@ -28,6 +28,10 @@ def _add_conformance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this scenario (repeatable)")
     p.add_argument("--timeout", type=float, default=1500.0, help="limit for one guest run (seconds)")
     p.add_argument("--json", metavar="FILE", help="also write the raw transcripts to FILE")
+    p.add_argument(
+        "--serve-arg", action="append", default=[], metavar="ARG", dest="serve_args",
+        help="pass ARG to the node's `cusetpm serve` (repeatable), e.g. --serve-arg=--swap --serve-arg=lazy",
+    )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument(
         "files",
@@ -70,7 +74,8 @@ def run_conformance(args: argparse.Namespace) -> int:
     raw: dict[str, GuestRun] = {}
     for k in kernels:
         try:
-            c = compare(k, args.files, node=args.node, only=args.only, timeout=args.timeout)
+            c = compare(k, args.files, node=args.node, only=args.only, timeout=args.timeout,
+                        serve_args=getattr(args, "serve_args", ()))  # fmt: skip
         except rig.RigError as exc:
             print(f"cusetpm conformance: kernel {k}: {exc}", file=sys.stderr)
             return 2
@@ -150,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--out", required=True)
     g.add_argument("--only", action="append", default=[])
     g.add_argument("--timeout", type=float, default=SCENARIO_TIMEOUT)
+    g.add_argument("--serve-arg", action="append", default=[], dest="serve_args")
     g.add_argument("files", nargs="*")
     _add_conformance_args(sub.add_parser("compare", help="the same as `cusetpm conformance`"))
     s = sub.add_parser("from-strace", help="make a scenario from strace output")
@@ -185,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     json.dump(results, fh, indent=1)
             return 1 if bad else 0
         if args.cmd == "guest":
-            return guest_run(args.kernel, args.node, args.files, args.out, only=args.only, timeout=args.timeout)
+            return guest_run(args.kernel, args.node, args.files, args.out, only=args.only, timeout=args.timeout,
+                             serve_args=args.serve_args)  # fmt: skip
         if args.cmd == "compare":
             return run_conformance(args)
         text = sys.stdin.read() if args.log == "-" else Path(args.log).read_text()

@@ -71,6 +71,7 @@ def guest_run(
     *,
     only: Sequence[str] = (),
     timeout: float = SCENARIO_TIMEOUT,
+    serve_args: Sequence[str] = (),
 ) -> int:
     """The in-guest driver: each scenario on a fresh kernel chip and a fresh daemon.
 
@@ -102,7 +103,7 @@ def guest_run(
             return SideError(f"cannot start swtpm: {exc}")
 
     def new_daemon(i: int) -> ForkedDaemon:
-        return ForkedDaemon(base / f"d{i}", kernel, node_kind, i)
+        return ForkedDaemon(base / f"d{i}", kernel, node_kind, i, serve_args)
 
     chips: dict[int, KernelChip | SideError] = {}
     daemons: dict[int, ForkedDaemon] = {}

@@ -250,11 +250,13 @@ def compare(
     node: str = "fuse",
     only: Sequence[str] = (),
     timeout: float = 1500.0,
+    serve_args: Sequence[str] = (),
 ) -> Comparison:
     """Boot one guest running ``kernel`` and compare every scenario (fresh TPMs each side).
 
     ``scenario_files``: files or directories (default: the shipped corpus); ``node``: which
-    cusetpm node to test, ``"fuse"`` or ``"cuse"``; ``only``: scenario names to run.
+    cusetpm node to test, ``"fuse"`` or ``"cuse"``; ``only``: scenario names to run;
+    ``serve_args``: more arguments for the node's ``cusetpm serve`` (an opt-in feature).
     Raises :class:`cusetpm.rig.RigError` if the guest cannot produce a result.
     """
     from .. import rig
@@ -282,6 +284,7 @@ def compare(
             "--out",
             out,
             *(a for n in only for a in ("--only", n)),
+            *(f"--serve-arg={a}" for a in serve_args),
             *files,
         ]
         repo = str(Path(__file__).resolve().parents[2])  # the directory holding the cusetpm package

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 __all__ = ["SideError", "KernelChip", "ForkedDaemon", "fuse_close_waiter", "mount_fusectl"]
 
@@ -216,13 +216,14 @@ class ForkedDaemon(_Side):
     #: The child's descriptor for the write end of the ready pipe.
     READY_FD = 3
 
-    def __init__(self, workdir: Path, kernel: str, node_kind: str, index: int) -> None:
+    def __init__(self, workdir: Path, kernel: str, node_kind: str, index: int, extra: Sequence[str] = ()) -> None:
         from .. import cli  # noqa: F401 - imported before fork, in the parent
 
         self.base = workdir
         self.kernel = kernel
         self.node_kind = node_kind
         self.index = index
+        self.extra = list(extra)
         self.attempts = 0
         self.node: str | None = None
         self._ready_r: int | None = None  # the read end of the current try's ready pipe
@@ -251,6 +252,7 @@ class ForkedDaemon(_Side):
             str(self.READY_FD),
             "--control",
             "off",
+            *self.extra,
         ]
         self.returncode: int | None = None
         self._terminated = False

@@ -58,8 +58,16 @@ class DaemonConfig:
     metrics: str | None = None
     control: str | None = None
     sessions: Settings = field(default_factory=Settings)
+    #: ``kernel`` (save and flush after every command) or ``lazy`` (cusetpm.swap).
+    swap: str = "kernel"
     #: Where it came from (None: the command line); SIGHUP rereads it.
     path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.swap not in ("kernel", "lazy"):
+            raise ConfigError(f'swap must be "kernel" or "lazy", not {self.swap!r}')
+        if self.swap == "lazy" and any(n.sessions == "global" for n in self.nodes):
+            raise ConfigError('swap "lazy" and sessions "global" cannot be combined yet')
 
 
 _NODE_KEYS = {
@@ -77,7 +85,7 @@ _SESSION_KEYS = {
     "quota_file": ("max_sessions_per_space", int),
     "quota_detached": ("max_detached_per_space", int),
 }
-_TOP = {"tpm": {"tcti", "state_dir"}, "front": {"node", "fuse_dir"}, "metrics": {"listen"},
+_TOP = {"tpm": {"tcti", "state_dir", "swap"}, "front": {"node", "fuse_dir"}, "metrics": {"listen"},
         "control": {"path"}, "sessions": set(_SESSION_KEYS), "node": set()}  # fmt: skip
 
 
@@ -204,6 +212,11 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
     if kind not in ("auto", "cuse", "fuse"):
         raise ConfigError(f'{src}: [front]: node must be "auto", "cuse" or "fuse", not {kind!r}')
     state_dir = _typed(tpm, "state_dir", str, f"{src}: [tpm]")
+    swap = _typed(tpm, "swap", str, f"{src}: [tpm]", "kernel")
+    if swap not in ("kernel", "lazy"):
+        raise ConfigError(f'{src}: [tpm]: swap must be "kernel" or "lazy", not {swap!r}')
+    if swap == "lazy" and any(n.sessions == "global" for n in nodes):
+        raise ConfigError(f'{src}: [tpm]: swap "lazy" and sessions "global" cannot be combined yet')
     return DaemonConfig(
         nodes=nodes,
         tcti=_typed(tpm, "tcti", str, f"{src}: [tpm]") or None,
@@ -213,6 +226,7 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
         metrics=_typed(doc.get("metrics", {}), "listen", str, f"{src}: [metrics]") or None,
         control=_typed(doc.get("control", {}), "path", str, f"{src}: [control]") or None,
         sessions=_session_settings(doc.get("sessions", {}), f"{src}: [sessions]"),
+        swap=swap,
         path=path,
     )
 
@@ -278,4 +292,5 @@ def from_args(args: argparse.Namespace, kind: str, where: str) -> DaemonConfig:
         metrics=args.metrics,
         control=args.control,
         sessions=settings,
+        swap=args.swap,
     )
