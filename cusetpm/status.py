@@ -46,11 +46,18 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(
             f"node {node['name']} (kernel {node['kernel']}, seam {node['seam']}): {_plural(len(files), 'open file')}"
         )
+        if "quota" in node:  # a tenant node (serve --config)
+            q = node["quota"]
+            use = ", ".join(f"{k} {u}/{lim or 'any'}" for k, (u, lim) in
+                            ((k, q[k]) for k in ("open", "objects", "sessions")))  # fmt: skip
+            refusals = ", ".join(f"{rule} {n}" for rule, n in sorted(node["refusals"].items())) or "none"
+            gone = "" if node["accepting"] else " (removed: goes when its last file closes)"
+            lines.append(f"  quota: {use}; refused: {refusals}{gone}")
         for f in files:
             sessions = ", sessions " + " ".join(f["sessions"]) if f["sessions"] else ""
             state = " busy" if f["busy"] else ""
             stale = "" if f["epoch"] in (None, tpm["epoch"]) else f" (of epoch {f['epoch']}: gets EPIPE)"
-            who = f"pid {f['pid']} uid {f['uid']} gid {f['gid']}"
+            who = f"pid {f['pid']}{' (' + f['comm'] + ')' if f.get('comm') else ''} uid {f['uid']} gid {f['gid']}"
             lines.append(f"  {who}: {_plural(f['objects'], 'object')}{sessions}{state}{stale}")
     for name, snap in doc.get("features", {}).items():
         lines.append(f"{name}: {json.dumps(snap, sort_keys=True)}")

@@ -216,6 +216,9 @@ def test_status_shows_each_tenant_its_files_and_quota_use(tenants: StartTenants,
         assert nodes["a"]["quota"]["open"] == [1, 3] and nodes["a"]["quota"]["objects"] == [0, 2]
         assert nodes["a"]["files"][0]["pid"] == os.getpid() and nodes["a"]["files"][0]["comm"]
         assert nodes["b"]["files"] == []
+        text = subprocess.run([sys.executable, "-m", "cusetpm", "status", "--control", str(control)],
+                              capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+        assert "quota: open 1/3, objects 0/2, sessions 0/any; refused: none" in text, text
     finally:
         os.close(fd)
 
