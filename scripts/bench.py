@@ -23,10 +23,24 @@ latency: each path is set up again with a counting TCP relay in front of its swt
 then takes ``--tcti swtpm:port=RELAY``), and the relay counts the TPM command frames it
 passes during K user commands.
 
+With ``--lazy`` (the default when ``cusetpm serve --help`` offers ``--swap``) the node also
+runs with ``--swap lazy``: the column ``node(6.12,lazy)``.
+
+Then three figures of issue 9, each against a baseline measured in the same run:
+
+* the idle request (a read() with nothing pending, a poll()) on the node against the same on
+  a C libfuse low-level file system the bench builds (bench_floor): goal <= 1.5x,
+* 1 000 files open on a node in kernel mode, one GetRandom each: the daemon's VmRSS per file
+  (bench_load): goal <= 8 KiB,
+* 64 client processes calling GetRandom at once for a fixed time, on the node in kernel mode
+  and on tpm2-abrmd (bench_load, bench_clients): goal node >= 1.0x abrmd in commands/s, and
+  the slowest client's count >= 0.5x the fastest's on the node.
+
 Prints; never asserts on speed.  Exits 1 only if some part failed to run.
 
 The parts live in cusetpm.testing: bench_rig (processes), bench_paths (client, paths,
-measuring), bench_report (the tables); swtpm, daemon and relay are the test support's own.
+measuring), bench_floor, bench_load and bench_clients (the figures), bench_report (the
+tables); swtpm, daemon and relay are the test support's own.
 """
 
 from __future__ import annotations
@@ -37,9 +51,11 @@ import signal
 import sys
 import time
 
+from cusetpm.testing.bench_floor import measure_floors
+from cusetpm.testing.bench_load import clients_figure, files_figure
 from cusetpm.testing.bench_paths import abrmd_route, count_commands, direct_route, measure, missing, node_route
-from cusetpm.testing.bench_report import report
-from cusetpm.testing.bench_rig import Rig
+from cusetpm.testing.bench_report import Figures, report
+from cusetpm.testing.bench_rig import Rig, serve_offers
 
 # The relay's frame counting, as tests/test_bench.py checks it.
 from cusetpm.testing.relay import CountingRelay, count_frames  # noqa: F401
@@ -54,7 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=20, help="user commands per op in the counting pass")
     ap.add_argument("--kernel", action="append", help="node kernel profile(s) (default: 6.12 and 6.1)")
     ap.add_argument("--no-abrmd", action="store_true", help="skip tpm2-abrmd")
+    ap.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
+                    help="also the node with --swap lazy (default: if `cusetpm serve` offers --swap)")  # fmt: skip
+    ap.add_argument("--floor", type=int, default=2000,
+                    help="idle requests per repetition, node and C libfuse (default 2000; 0: skip)")  # fmt: skip
+    ap.add_argument("--files", type=int, default=1000, help="files open at once on a node (default 1000; 0: skip)")
+    ap.add_argument("--files-warmup", type=int, default=10, help="files opened before the first VmRSS (default 10)")
+    ap.add_argument("--clients", type=int, default=64, help="client processes at once (default 64; 0: skip)")
+    ap.add_argument("--client-seconds", type=float, default=5.0, help="how long they run, per path (default 5)")
     args = ap.parse_args(argv)
+    if args.lazy is None:
+        args.lazy = serve_offers("--swap")
 
     # Leave through the cleanup on SIGTERM/SIGHUP too, not only on Ctrl-C.
     def _exit(signum: int, _frame: object) -> None:
@@ -65,22 +91,32 @@ def main(argv: list[str] | None = None) -> int:
 
     kernels = args.kernel or ["6.12", "6.1"]
     paths = [direct_route()] + [node_route(k) for k in kernels] + [node_route(kernels[0], "global")]
+    paths += [node_route(kernels[0], extra=("--swap", "lazy"))] if args.lazy else []
     paths += [] if args.no_abrmd else [abrmd_route()]
     sizes = {"get_random": args.random, "sign": args.sign}
     for p in paths:
         p.error = missing(p)
     load_before = os.getloadavg()[0]
     t0 = time.monotonic()
+    figures = Figures()
     rig = Rig()
     try:
         with rig.phase():
-            measure(paths, rig, args.rounds, sizes, args.warmup)
+            nodes = measure(paths, rig, args.rounds, sizes, args.warmup)
+            if args.floor:
+                figures.floor = measure_floors(paths, nodes, rig, args.floor)
         with rig.phase():
             count_commands(paths, rig, args.count)
+        if args.files:
+            with rig.phase():
+                figures.files = files_figure(rig, kernels[0], args.files, args.files_warmup)
+        if args.clients:
+            with rig.phase():
+                figures.load = clients_figure(rig, kernels[0], args.clients, args.client_seconds, not args.no_abrmd)
     finally:
         rig.close()
-    report(paths, args, time.monotonic() - t0, (load_before, os.getloadavg()[0]))
-    failed = any(p.error or p.count_error for p in paths)
+    report(paths, args, time.monotonic() - t0, (load_before, os.getloadavg()[0]), figures)
+    failed = any(p.error or p.count_error for p in paths) or figures.failed()
     return 1 if failed else 0
 
 

@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""scripts/bench.py: its command counting, and one tiny end-to-end run (numbers not judged)."""
+"""scripts/bench.py: its command counting, its report's shapes, and one tiny end-to-end run (numbers not
+judged)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -70,8 +72,35 @@ def test_relay_counts_commands_split_across_writes() -> None:
         listener.close()
 
 
+def test_node_route_takes_extra_serve_arguments_and_names_its_column() -> None:
+    assert bench.node_route("6.12").label == "node(6.12)"
+    assert bench.node_route("6.12", "global").label == "node(6.12,global)"
+    assert bench.node_route("6.12", extra=("--swap", "lazy")).label == "node(6.12,lazy)"
+    assert bench.node_route("6.1", extra=("--swap", "lazy"), label="mine").label == "mine"
+    assert bench.serve_offers("--sessions") and not bench.serve_offers("--no-such-option")
+
+
+def test_the_figures_report_failures_and_what_was_not_measured() -> None:
+    from cusetpm.testing.bench_load import FilesFigure, LoadFigure
+    from cusetpm.testing.bench_report import Figures, report_files, report_load
+
+    files = FilesFigure("node(6.12)", 1000, 10, error="OSError: EMFILE")
+    assert report_files(files) == ["1000 files on node(6.12): FAILED: OSError: EMFILE"]
+    node = LoadFigure("node(6.12)", 64, 5.0, "cusetpm serve", counts=[10, 30], elapsed=[1.0, 1.0], window=1.0)
+    abrmd = LoadFigure("abrmd", 64, 5.0, "tpm2-abrmd", error="not installed: tpm2-abrmd")
+    out = report_load([node, abrmd])
+    assert "  abrmd: FAILED: not installed: tpm2-abrmd" in out
+    assert "Goal (node >= 1.0x abrmd, commands/s, 64 clients): not measured" in out
+    assert out[-1] == "Goal (slowest / fastest client >= 0.5, 64 clients): node(6.12): NOT MET (0.33)"
+    assert Figures(files=files).failed() and not Figures(load=[node]).failed()
+
+
+NUM = r"-?\d+(\.\d+)?"
+
+
 def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -> None:
     args = ["--rounds", "1", "--random", "2", "--sign", "1", "--warmup", "1", "--count", "2", "--kernel", "6.12"]
+    args += ["--floor", "200", "--files", "50", "--clients", "4", "--client-seconds", "1"]
     env = dict(os.environ, TMPDIR=str(tmp_path))
     r = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
@@ -79,18 +108,49 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert any(line.startswith("Goal (node <= 1.5x direct") and "node(6.12)" in line for line in lines)
     header = next(line for line in lines if line.startswith("backend cmds per user cmd")).split()[5:]
-    assert header[:3] == ["direct", "node(6.12)", "node(6.12,global)"]
+    lazy = ["node(6.12,lazy)"] if bench.serve_offers("--swap") else []
+    assert header == ["direct", "node(6.12)", "node(6.12,global)", *lazy, "abrmd"]
     counts = [line for line in lines if line.startswith("GetRandom(16)")][1]  # second table: commands
     assert counts.split()[1:3] == ["1.00", "1.00"]  # direct, and the node on an empty space
     # With free slots, --sessions global sends no backend command kernel mode does not.
     table = lines[lines.index(next(line for line in lines if line.startswith("backend cmds"))) :][1:4]
+    kernel, global_ = header.index("node(6.12)"), header.index("node(6.12,global)")
     for row in table:
-        cells = row.replace("same, key loaded", "key-loaded").split()
-        assert cells[-3] == cells[-2], row  # node(6.12) == node(6.12,global)
+        cells = row.replace("same, key loaded", "key-loaded").split()[-len(header) :]
+        assert cells[kernel] == cells[global_], row
+
+    def one(pattern: str) -> re.Match[str]:
+        found = [m for line in lines if (m := re.fullmatch(pattern, line))]
+        assert len(found) == 1, (pattern, r.stdout)
+        return found[0]
+
+    # The idle request against C libfuse: a table and one goal per node column.
+    floor_head = one(r"µs per idle request \(x C libfuse\) +C libfuse +(.*)").group(1).split()
+    assert floor_head == header[1:-1]  # every node column
+    one(rf"read\(\), nothing pending +{NUM}( +{NUM} {NUM}x){{{len(floor_head)}}}")
+    one(rf"poll\(\) +{NUM}( +{NUM} {NUM}x){{{len(floor_head)}}}")
+    for label in floor_head:
+        one(
+            rf"Goal \(idle request on the node <= 1\.5x C libfuse\): {re.escape(label)}: (NOT )?MET \(read {NUM}x, poll {NUM}x\)"
+        )
+    # Memory per open file.
+    one(
+        rf"50 files open on node\(6\.12\), one GetRandom each: daemon VmRSS \d+ KiB after 10 warm-up files, \d+ KiB with all open \({NUM} s to open them\)"
+    )
+    one(rf"Goal \(daemon memory <= 8 KiB per open file\): node\(6\.12\): (NOT )?MET \({NUM} KiB per file\)")
+    # Many clients: node against abrmd.
+    one(r"4 clients, GetRandom\(16\) for 1 s +node\(6\.12\) +abrmd")
+    one(rf"commands/s, all clients +\d+ {NUM}x +\d+")
+    one(rf"slowest / fastest client +{NUM} +{NUM}")
+    one(r"server CPU, % of one CPU +\d+% +\d+%")
+    one(r"client CPU per command, µs +\d+ +\d+")
+    one(rf"Goal \(node >= 1\.0x abrmd, commands/s, 4 clients\): node\(6\.12\): (NOT )?MET \({NUM}x\)")
+    one(rf"Goal \(slowest / fastest client >= 0\.5, 4 clients\): node\(6\.12\): (NOT )?MET \({NUM}\)")
+    assert "FAILED" not in r.stdout
     assert list(tmp_path.iterdir()) == []

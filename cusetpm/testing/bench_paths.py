@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import functools
 import os
+import re
+import select
 import shutil
 import statistics
 import time
@@ -92,8 +95,10 @@ class Route:
     cmds: dict[str, float] = field(default_factory=dict)  # op -> backend commands per user cmd
     error: str | None = None
     count_error: str | None = None
-    #: µs for one request to the node file that does no TPM work (an idle read), node only.
+    #: µs for one request to the node file that does no TPM work (an idle read; an idle
+    #: poll), node only: bench_floor.measure_floors.
     request_us: float | None = None
+    poll_us: float | None = None
 
     def median(self, op: str) -> float | None:
         b = self.batches.get(op)
@@ -111,21 +116,27 @@ def direct_route() -> Route:
     return Route("direct", setup, count)
 
 
-def node_route(kernel: str, sessions: str = "kernel") -> Route:
-    """The node with a kernel profile; ``sessions="global"``: with global session accounting."""
-    extra = ("--sessions", sessions) if sessions != "kernel" else ()
-    tag = f"{kernel}" if sessions == "kernel" else f"{kernel}-{sessions}"  # a directory name: swtpm's
-    # --log option would split on a comma
+def node_route(kernel: str, sessions: str = "kernel", extra: tuple[str, ...] = (), label: str | None = None) -> Route:
+    """The node with a kernel profile; ``sessions="global"``: with global session accounting;
+    ``extra``: more ``cusetpm serve`` arguments, e.g. ``("--swap", "lazy")``.
+
+    The label defaults to ``node(KERNEL[,SESSIONS][,VALUES of extra])``: ``node(6.12,lazy)``.
+    """
+    args = (("--sessions", sessions) if sessions != "kernel" else ()) + tuple(extra)
+    if label is None:
+        parts = [kernel] + ([sessions] if sessions != "kernel" else []) + [a for a in extra if not a.startswith("-")]
+        label = f"node({','.join(parts)})"
+    # A directory name: swtpm's --log option would split on a comma.
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", label.removeprefix("node")).strip("-") or kernel
 
     def setup(rig: Rig) -> tuple[str, str]:
-        return "device", rig.node(f"node-{tag}", kernel, extra=extra)
+        return "device", rig.node(f"node-{tag}", kernel, extra=args)
 
     def count(rig: Rig) -> tuple[str, str, CountingRelay]:
         relay = rig.relay(rig.swtpm(f"node-{tag}-count", startup=False))
-        node = rig.node(f"node-{tag}-count", kernel, tcti=f"swtpm:host=127.0.0.1,port={relay.port}", extra=extra)
+        node = rig.node(f"node-{tag}-count", kernel, tcti=f"swtpm:host=127.0.0.1,port={relay.port}", extra=args)
         return "device", node, relay
 
-    label = f"node({kernel})" if sessions == "kernel" else f"node({kernel},{sessions})"
     return Route(label, setup, count, tctis=("swtpm", "device"))
 
 
@@ -175,21 +186,29 @@ def missing(p: Route) -> str | None:
     return f"not installed: {need} (Debian: {' '.join(sorted({pkgs.get(x, x) for x in progs + libs}))})"
 
 
-def request_floor(node: str, n: int = 2000) -> float:
-    """µs per idle read() of the node: one FUSE round trip through the daemon, no TPM work."""
-    fd = os.open(node, os.O_RDWR)
+def request_floor(path: str, n: int = 2000, op: str = "read") -> float:
+    """µs per idle request on the file ``path``: one FUSE round trip through its server, no TPM
+    work.  ``op="read"``: read() with nothing pending (0 bytes); ``"poll"``: poll(), 0 timeout."""
+    fd = os.open(path, os.O_RDWR)
     try:
+        if op == "read":
+            call: Callable[[], object] = functools.partial(os.read, fd, 4096)
+        else:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLOUT)
+            call = functools.partial(poller.poll, 0)
         for _ in range(50):
-            os.read(fd, 4096)
+            call()
         t = time.perf_counter()
         for _ in range(n):
-            os.read(fd, 4096)
+            call()
         return (time.perf_counter() - t) / n * 1e6
     finally:
         os.close(fd)
 
 
-def measure(paths: list[Route], rig: Rig, rounds: int, sizes: dict[str, int], warmup: int) -> None:
+def measure(paths: list[Route], rig: Rig, rounds: int, sizes: dict[str, int], warmup: int) -> dict[str, str]:
+    """Time every path's rows in interleaved rounds; returns each node path's file (label -> path)."""
     clients: dict[str, dict[str, Client]] = {}
     nodes: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
@@ -217,9 +236,8 @@ def measure(paths: list[Route], rig: Rig, rounds: int, sizes: dict[str, int], wa
                         p.batches.setdefault(op, []).append(time_batch(getattr(got[kind], meth), sizes[meth]))
                     except Exception as exc:
                         p.error = f"{type(exc).__name__}: {exc}"
-        for p in paths:
-            if p.label in nodes and not p.error:
-                p.request_us = request_floor(nodes[p.label])
+    failed = {p.label for p in paths if p.error}
+    return {label: node for label, node in nodes.items() if label not in failed}
 
 
 def count_commands(paths: list[Route], rig: Rig, k: int) -> None:

@@ -1,13 +1,16 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""scripts/bench.py's report: the two tables, how it was measured, and the goal."""
+"""scripts/bench.py's report: the tables, how they were measured, and the goals."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import textwrap
+from dataclasses import dataclass, field
 from typing import Callable
 
+from .bench_floor import FLOOR_GOAL, Floor
+from .bench_load import FAIRNESS_GOAL, FILE_KIB_GOAL, THROUGHPUT_GOAL, FilesFigure, LoadFigure
 from .bench_paths import GOAL_OPS, OPS, Route
 
 GOAL = 1.5  # the node must cost at most GOAL x direct (the project's issue)
@@ -19,17 +22,137 @@ def cell_us(v: float | None, base: float | None, direct: bool) -> str:
     return f"{v:.0f}" if direct or not base else f"{v:.0f} {v / base:.2f}x"
 
 
-def table(paths: list[Route], title: str, cell: Callable[[Route, str], str]) -> list[str]:
-    w0 = max(len(title), *(len(op) for op, _, _ in OPS)) + 2
-    cols = [[p.label] + [cell(p, op) for op, _, _ in OPS] for p in paths]
+def grid(title: str, rows: list[str], cols: list[list[str]]) -> list[str]:
+    """A table: ``cols`` are [header, cell per row], right-aligned after the row names."""
+    w0 = max(len(title), *(len(r) for r in rows)) + 2
     widths = [max(len(x) for x in col) + 3 for col in cols]
-    out = [f"{title:<{w0}}" + "".join(f"{col[0]:>{w}}" for col, w in zip(cols, widths, strict=True))]
-    for i, (op, _, _) in enumerate(OPS, 1):
-        out.append(f"{op:<{w0}}" + "".join(f"{col[i]:>{w}}" for col, w in zip(cols, widths, strict=True)))
+    lines = [[title, *rows]] + cols
+    return [
+        f"{lines[0][i]:<{w0}}" + "".join(f"{col[i]:>{w}}" for col, w in zip(cols, widths, strict=True))
+        for i in range(len(rows) + 1)
+    ]
+
+
+def table(paths: list[Route], title: str, cell: Callable[[Route, str], str]) -> list[str]:
+    return grid(title, [op for op, _, _ in OPS], [[p.label] + [cell(p, op) for op, _, _ in OPS] for p in paths])
+
+
+@dataclass
+class Figures:
+    """What the benchmark measures besides the two tables."""
+
+    floor: Floor | None = None
+    files: FilesFigure | None = None
+    load: list[LoadFigure] = field(default_factory=list)
+
+    def failed(self) -> bool:
+        parts = [self.floor, self.files, *self.load]
+        return any(x is not None and x.error for x in parts)
+
+
+def ratio(v: float | None, base: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}" if not base else f"{v:.0f} {v / base:.2f}x"
+
+
+def met(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def report_floor(paths: list[Route], floor: Floor) -> list[str]:
+    nodes = [p for p in paths if p.request_us is not None or p.poll_us is not None]
+    cols = [["C libfuse", ratio(floor.read_us, None), ratio(floor.poll_us, None)]]
+    cols += [[p.label, ratio(p.request_us, floor.read_us), ratio(p.poll_us, floor.poll_us)] for p in nodes]
+    out = grid("µs per idle request (x C libfuse)", ["read(), nothing pending", "poll()"], cols)
+    if floor.error:
+        out.append(f"  C libfuse: FAILED: {floor.error}")
+    for p in nodes:
+        pairs = [("read", p.request_us, floor.read_us), ("poll", p.poll_us, floor.poll_us)]
+        got = [(op, v / base) for op, v, base in pairs if v is not None and base]
+        if len(got) < len(pairs):
+            verdict = "not measured"
+        else:
+            detail = ", ".join(f"{op} {x:.2f}x" for op, x in got)
+            verdict = f"{met(all(x <= FLOOR_GOAL for _, x in got))} ({detail})"
+        out.append(f"Goal (idle request on the node <= {FLOOR_GOAL}x C libfuse): {p.label}: {verdict}")
     return out
 
 
-def report(paths: list[Route], args: argparse.Namespace, elapsed: float, load: tuple[float, float]) -> None:
+def report_files(fig: FilesFigure) -> list[str]:
+    per = fig.per_file
+    if fig.error or per is None:
+        return [f"{fig.files} files on {fig.label}: FAILED: {fig.error or 'not measured'}"]
+    return [
+        f"{fig.files} files open on {fig.label}, one GetRandom each: daemon VmRSS {fig.rss_before} KiB after"
+        f" {fig.warmup} warm-up files, {fig.rss_after} KiB with all open ({fig.seconds or 0:.2f} s to open them)",
+        f"Goal (daemon memory <= {FILE_KIB_GOAL:g} KiB per open file): {fig.label}: {met(per <= FILE_KIB_GOAL)}"
+        f" ({per:.1f} KiB per file)",
+    ]
+
+
+def report_load(figs: list[LoadFigure]) -> list[str]:
+    node, abrmd = figs[0], next((f for f in figs if f.label == "abrmd"), None)
+    base = abrmd.throughput if abrmd else None
+
+    def pct(f: LoadFigure) -> str:
+        return f"{100 * f.server_cpu / f.window:.0f}%" if f.server_cpu is not None and f.window else "n/a"
+
+    def cpu_per(f: LoadFigure) -> str:
+        n = sum(f.counts)
+        return f"{1e6 * f.client_cpu / n:.0f}" if n else "n/a"
+
+    cols = [
+        [f.label, ratio(f.throughput, base if f is node else None),
+         "n/a" if f.fairness is None else f"{f.fairness:.2f}", pct(f), cpu_per(f)]
+        for f in figs
+    ]  # fmt: skip
+    rows = ["commands/s, all clients", "slowest / fastest client", "server CPU, % of one CPU",
+            "client CPU per command, µs"]  # fmt: skip
+    out = grid(f"{node.clients} clients, GetRandom(16) for {node.seconds:g} s", rows, cols)
+    out += [f"  {f.label}: FAILED: {f.error}" for f in figs if f.error]
+    tp = node.throughput
+    if tp is not None and base:
+        out.append(
+            f"Goal (node >= {THROUGHPUT_GOAL}x abrmd, commands/s, {node.clients} clients): {node.label}:"
+            f" {met(tp / base >= THROUGHPUT_GOAL)} ({tp / base:.2f}x)"
+        )
+    else:
+        out.append(f"Goal (node >= {THROUGHPUT_GOAL}x abrmd, commands/s, {node.clients} clients): not measured")
+    fair = node.fairness
+    verdict = "not measured" if fair is None else f"{met(fair >= FAIRNESS_GOAL)} ({fair:.2f})"
+    out.append(f"Goal (slowest / fastest client >= {FAIRNESS_GOAL}, {node.clients} clients): {node.label}: {verdict}")
+    return out
+
+
+def how_figures(args: argparse.Namespace) -> str:
+    parts = []
+    if args.floor:
+        parts.append(
+            "Idle request: read() of the node's file with nothing pending and poll() with a 0 timeout, "
+            f"{args.floor} in a loop, 5 times alternating with the same loop on a C libfuse low-level file "
+            "system built by the bench (gcc, libfuse3; one thread, fuse_session_loop; an empty direct-I/O "
+            "file whose read answers 0 bytes and poll POLLOUT, as the idle node); median of the 5."
+        )
+    if args.files:
+        parts.append(
+            f"Files: a fresh node in kernel mode; {args.files_warmup} warm-up files opened, each sending one "
+            f"GetRandom(16) and staying open, then {args.files} more; the daemon's VmRSS (/proc/PID/status) "
+            "before and after, over the count."
+        )
+    if args.clients:
+        parts.append(
+            f"Clients: {args.clients} processes forked from one launcher, each its own tpm2-pytss ESAPI on its "
+            f"own connection (device TCTI on a fresh node in kernel mode, tabrmd TCTI on tpm2-abrmd "
+            f"--max-connections={args.clients + 1}; each its own fresh swtpm), started together, GetRandom(16) "
+            f"in a loop for {args.client_seconds:g} s; one path at a time.  commands/s: the sum of each "
+            "client's count over its own time; server CPU: the daemon's or abrmd's process (not its swtpm) "
+            "over the window."
+        )
+    return "".join(f"{x}  " for x in parts)
+
+
+def report(
+    paths: list[Route], args: argparse.Namespace, elapsed: float, load: tuple[float, float], figures: Figures
+) -> None:
     direct = paths[0]
 
     def us(p: Route, op: str) -> str:
@@ -62,7 +185,8 @@ def report(paths: list[Route], args: argparse.Namespace, elapsed: float, load: t
         "a time; a figure is the median over rounds of the batch's mean wall-clock µs per command.  "
         "Backend commands: a separate pass, each path set up again with a counting TCP relay in front of "
         "its swtpm (the node then uses --tcti swtpm:port=RELAY), over "
-        f"{args.count} user commands per row; direct must read 1.00.  {elapsed:.0f} s in all."
+        f"{args.count} user commands per row; direct must read 1.00.  {how_figures(args)}"
+        f"{elapsed:.0f} s in all."
     )
     print()
     print(textwrap.fill(how, width=96, break_on_hyphens=False))
@@ -79,7 +203,7 @@ def report(paths: list[Route], args: argparse.Namespace, elapsed: float, load: t
         if len(ratios) < len(medians):
             print(f"Goal (node <= {GOAL}x direct): {p.label}: not measured")
             continue
-        met = all(v / base <= GOAL for _, v, base in ratios)
+        ok = all(v / base <= GOAL for _, v, base in ratios)
         if p.request_us is not None:
             floor = 5 * p.request_us
             print(
@@ -88,4 +212,12 @@ def report(paths: list[Route], args: argparse.Namespace, elapsed: float, load: t
                 f" {floor / ratios[0][2]:.2f}x direct GetRandom before any TPM work"
             )
         detail = ", ".join(f"{op.split()[0]} {v / base:.2f}x" for op, v, base in ratios)
-        print(f"Goal (node <= {GOAL}x direct, GetRandom and Sign): {p.label}: {'MET' if met else 'NOT MET'} ({detail})")
+        print(f"Goal (node <= {GOAL}x direct, GetRandom and Sign): {p.label}: {met(ok)} ({detail})")
+    for part in (
+        report_floor(paths, figures.floor) if figures.floor else [],
+        report_files(figures.files) if figures.files else [],
+        report_load(figures.load) if figures.load else [],
+    ):
+        if part:
+            print()
+            print("\n".join(part))

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +56,14 @@ def wait_until(
     raise RuntimeError(f"{what}: not ready within {timeout:.0f} s")
 
 
+def serve_offers(option: str) -> bool:
+    """Does this tree's ``cusetpm serve`` have ``option`` (its ``--help`` names it)?"""
+    r = subprocess.run(
+        [sys.executable, "-m", "cusetpm", "serve", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    return r.returncode == 0 and re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", r.stdout) is not None
+
+
 class Rig:
     """Owns every process, mount and directory the benchmark makes; undoes them all."""
 
@@ -66,6 +76,8 @@ class Rig:
         self._n = 0
         self._bus: str | None = None
         self._abrmds = 0
+        #: The server process behind each node path and abrmd TCTI conf this rig returned.
+        self.pids: dict[str, int] = {}
 
     def close(self) -> None:
         self.base.close()
@@ -116,6 +128,7 @@ class Rig:
                 raise RuntimeError(f"cusetpm ({name}) {exc.why}: {exc.log.strip()[-400:]}") from None
             raise RuntimeError(f"cusetpm ({name}) did not serve within 30 s") from None
         self.stack.callback(served.stop, timeout=10.0)
+        self.pids[str(served.node)] = served.proc.pid
         return str(served.node)
 
     def bus(self) -> str:
@@ -139,7 +152,7 @@ class Rig:
             self._bus = address
         return self._bus
 
-    def abrmd(self, name: str, tpm_port: int) -> str:
+    def abrmd(self, name: str, tpm_port: int, extra: tuple[str, ...] = ()) -> str:
         """tpm2-abrmd on the private bus under a name of its own; returns the client TCTI conf."""
         work = self.dir(name)
         env = dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.bus())
@@ -147,7 +160,7 @@ class Rig:
         dbus_name = f"com.intel.tss2.Tabrmd.Bench{self._abrmds}"
         proc = self.popen(
             ["tpm2-abrmd", "--session", "--allow-root", "--logger=stdout", f"--dbus-name={dbus_name}",
-             f"--tcti=swtpm:host=127.0.0.1,port={tpm_port}"],
+             f"--tcti=swtpm:host=127.0.0.1,port={tpm_port}", *extra],
             work / "stderr", stdout=subprocess.DEVNULL, env=env)  # fmt: skip
 
         def owned() -> bool:
@@ -158,7 +171,9 @@ class Rig:
             return "boolean true" in r.stdout
 
         wait_until(owned, 20, "tpm2-abrmd", proc)
-        return f"bus_name={dbus_name},bus_type=session"
+        conf = f"bus_name={dbus_name},bus_type=session"
+        self.pids[conf] = proc.pid
+        return conf
 
     def relay(self, target_port: int) -> CountingRelay:
         r = CountingRelay(target_port)
