@@ -241,6 +241,21 @@ class Tenants:
 
 StartTenants = Callable[..., Tenants]
 
+#: Two tenants, each with its own NV, persistent and PCR ranges (the README's example).
+TWO_TENANTS = """
+[[node]]
+name = "tenant-a"
+nv = ["0x01500000-0x015000ff"]
+persistent = ["0x81000100-0x810001ff"]
+pcrs = [16]
+
+[[node]]
+name = "tenant-b"
+nv = ["0x01500100-0x015001ff"]
+persistent = ["0x81000200-0x810002ff"]
+pcrs = [23]
+"""
+
 
 @pytest.fixture
 def tenants(tmp_path: Path) -> Iterator[StartTenants]:

@@ -18,23 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import StartTenants, Tenants
+from conftest import TWO_TENANTS, StartTenants, Tenants
 
-TWO = """
-[[node]]
-name = "tenant-a"
-nv = ["0x01500000-0x015000ff"]
-persistent = ["0x81000100-0x810001ff"]
-pcrs = [16]
-audit = "{audit}"
-audit_pcapng = "{pcap}"
-
-[[node]]
-name = "tenant-b"
-nv = ["0x01500100-0x015001ff"]
-persistent = ["0x81000200-0x810002ff"]
-pcrs = [23]
-"""
+#: Tenant A's audit trail and capture go to files the test names.
+TWO = TWO_TENANTS.replace("pcrs = [16]\n", 'pcrs = [16]\naudit = "{audit}"\naudit_pcapng = "{pcap}"\n', 1)
 
 
 def tool(t: Tenants, node: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:

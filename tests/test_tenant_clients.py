@@ -23,24 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import StartTenants
+from conftest import TWO_TENANTS, StartTenants
 from cusetpm.tenants.policy import DEFAULT_DENY
 
 TIMEOUT = 60
 
-#: Two tenants, each with its own NV and persistent ranges (the README's example).
-TWO_TENANTS = """
-[[node]]
-name = "tenant-a"
-nv = ["0x01500000-0x015000ff"]
-persistent = ["0x81000100-0x810001ff"]
-pcrs = [16]
-
-[[node]]
-name = "tenant-b"
-nv = ["0x01500100-0x015001ff"]
-persistent = ["0x81000200-0x810002ff"]
-"""
 #: An NV index of each tenant's own range.
 OWN_NV = {"tenant-a": "0x01500010", "tenant-b": "0x01500110"}
 
