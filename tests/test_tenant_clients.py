@@ -195,7 +195,10 @@ def test_fapi_through_tenant_nodes(tenants: StartTenants, tmp_path: Path) -> Non
 
     # Provisioning sets TPM-wide DA parameters: the tenant node refuses it (its own keystore,
     # so the failed attempt leaves nothing behind for the real one).
-    tried = dict(os.environ, TSS2_FAPICONF=str(fapi_config(tmp_path / "fapi-tried", t.nodes["fapi-tenant"], profiles)))
+    # ESAPI's error lines name the refused command; TSS2_LOG may have been silenced in this
+    # process (cusetpm.backends.tcti does so for its own TCTI), so ask for them.
+    tried = dict(os.environ, TSS2_FAPICONF=str(fapi_config(tmp_path / "fapi-tried", t.nodes["fapi-tenant"], profiles)),
+                 TSS2_LOG="all+ERROR")  # fmt: skip
     refused = run([tools["tss2_provision"]], env=tried, cwd=tmp_path, check=False)
     assert refused.returncode != 0, f"tss2_provision passed through the tenant node:\n{output(refused)}"
     assert RC_DENY in output(refused) and "dictionaryattackparameters" in output(refused), output(refused)
