@@ -87,3 +87,20 @@ def test_metrics_count_commands_and_show_a_tpm_restart(daemon):
 def test_without_metrics_nothing_listens(daemon):
     d = daemon(extra_args=["--control", "off"])
     assert _listening_tcp(d.served.proc.pid) == set()
+
+
+def test_a_lazy_node_shows_its_swapping(daemon):
+    port = free_port()
+    d = daemon(extra_args=["--metrics", f"127.0.0.1:{port}", "--control", "off", "--swap", "lazy"])
+    a, b = os.open(d.node, os.O_RDWR), os.open(d.node, os.O_RDWR)
+    try:
+        assert rc(cmd(a, create_primary())) == 0
+        assert rc(cmd(a, get_random())) == 0  # resident: sent alone
+        assert rc(cmd(b, get_random())) == 0  # a is put away first
+        m = scrape(port)
+        assert m['cusetpm_swap_events{event="resident_commands"}'] == 1
+        assert m['cusetpm_swap_events{event="evictions"}'] == 1
+        assert m['cusetpm_objects{node="tpmrm0"}'] == 1
+    finally:
+        os.close(a)
+        os.close(b)

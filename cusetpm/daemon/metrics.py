@@ -87,6 +87,13 @@ class _State(Collector):
                 continue
             seen.add(id(feature))
             registry: dict[str, Any] = snap()
+            if "known" not in registry:  # --swap lazy: its counters
+                swap = GaugeMetricFamily("cusetpm_swap_events", "lazy context swapping counters", labels=["event"])
+                for event, n in registry.items():
+                    if isinstance(n, int) and not isinstance(n, bool):
+                        swap.add_metric([event], n)
+                yield swap
+                continue
             yield GaugeMetricFamily("cusetpm_registry_sessions", "sessions the registry knows", value=registry["known"])
             yield GaugeMetricFamily(
                 "cusetpm_session_waiters", "StartAuthSessions waiting for a slot", value=registry["queue"]
