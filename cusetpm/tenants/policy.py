@@ -270,11 +270,12 @@ def decide(policy: Policy, cmd: bytes, creates: bool = False, usage: Usage | Non
 
 
 def _context_is_session(cmd: bytes) -> bool:
-    """ContextLoad's TPMS_CONTEXT: sequence (8 bytes), then savedHandle; HMAC and policy
-    session handles have types 0x02 and 0x03."""
-    if len(cmd) < wire.TPM_HEADER_SIZE + 12:
-        return False
-    return cmd[wire.TPM_HEADER_SIZE + 8] in (0x02, 0x03)
+    """Whether ContextLoad's TPMS_CONTEXT holds a session (savedHandle of type 0x02 or 0x03)."""
+    try:
+        handle = int(_parameter(cmd, 0).savedHandle)  # type: ignore[attr-defined]
+    except (ValueError, AttributeError):
+        return False  # the TPM will refuse it; no quota to count
+    return handle >> 24 in (0x02, 0x03)
 
 
 def make_policy(
