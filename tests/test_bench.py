@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
 assert _spec and _spec.loader
@@ -100,7 +102,7 @@ NUM = r"-?\d+(\.\d+)?"
 
 def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -> None:
     args = ["--rounds", "1", "--random", "2", "--sign", "1", "--warmup", "1", "--count", "2", "--kernel", "6.12"]
-    args += ["--floor", "200", "--files", "50", "--clients", "4", "--client-seconds", "1"]
+    args += ["--floor", "200", "--files", "50", "--clients", "4", "--client-seconds", "1", "--no-guest"]
     env = dict(os.environ, TMPDIR=str(tmp_path))
     r = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
@@ -152,5 +154,65 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     one(r"client CPU per command, µs +\d+ +\d+")
     one(rf"Goal \(node >= 1\.0x abrmd, commands/s, 4 clients\): node\(6\.12\): (NOT )?MET \({NUM}x\)")
     one(rf"Goal \(slowest / fastest client >= 0\.5, 4 clients\): node\(6\.12\): (NOT )?MET \({NUM}\)")
+    one(r"CUSE node against the kernel's /dev/tpmrm0, one 6\.12 guest: not measured: --no-guest")
+    assert "FAILED" not in r.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_guest_figure_reads_the_guests_line_and_says_what_was_not_measured() -> None:
+    from cusetpm.testing.bench_guest import GuestFigure, parse_output
+    from cusetpm.testing.bench_report import Figures, report_guest
+
+    line = (
+        '{"cusetpm_bench_guest": 1, "release": "6.12.1-amd64", "error": null, "node_start_s": 9.5,'
+        ' "sizes": {"GetRandom(16)": 4, "ReadPublic, one object loaded": 2},'
+        ' "handles": {"kernel": "0x80ffffff", "node": "0x80ffffff"},'
+        ' "batches": {"GetRandom(16)": {"kernel": [100, 110, 90], "node": [120, 140, 130]},'
+        ' "ReadPublic, one object loaded": {"kernel": [200, 210, 190], "node": [400, 410, 390]}}}'
+    )
+    fig = parse_output(GuestFigure("6.12", 3), f"noise\n{{not json\n{line}\nmore noise\n")
+    assert fig.error is None and fig.release == "6.12.1-amd64" and fig.ratio("GetRandom(16)") == 1.3
+    out = report_guest(fig)
+    assert out[1].split() == ["GetRandom(16)", "100", "130", "1.30x"]
+    assert out[4] == "  batch means node: 120-140, 390-410 µs"
+    assert out[5].endswith("guest): node(6.12,cuse): NOT MET (GetRandom 1.30x, ReadPublic 2.00x)")
+    assert "0x80ffffff" in " ".join(out[6:]) and not Figures(guest=fig).failed()
+
+    lost = parse_output(GuestFigure("6.12", 3), "rig: /dev/tpmrm0 did not appear\n")
+    assert lost.error == "the guest printed no result line: rig: /dev/tpmrm0 did not appear"
+    assert report_guest(lost)[-1].endswith("guest): not measured") and Figures(guest=lost).failed()
+    skipped = GuestFigure("6.12", 3, skipped="the rig cannot boot here: rig: required tool 'swtpm' not found")
+    assert report_guest(skipped) == [
+        "CUSE node against the kernel's /dev/tpmrm0, one 6.12 guest: not measured: the rig cannot boot"
+        " here: rig: required tool 'swtpm' not found"
+    ]
+    assert not Figures(guest=skipped).failed()
+
+
+@pytest.mark.guest
+def test_the_guest_figure_in_a_small_run(tmp_path: Path) -> None:
+    """``--guest-only`` boots one 6.12 guest and prints the table, the goal and how (shapes,
+    not speed)."""
+    args = ["--guest-only", "--guest-rounds", "2", "--guest-random", "5", "--guest-public", "3", "--warmup", "1"]
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
+        cwd=REPO,
+        env=dict(os.environ, TMPDIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert re.fullmatch(r"µs per command in the guest \(TCG; x kernel\) +/dev/tpmrm0 +/dev/cusetpm-bench", lines[0])
+    assert re.fullmatch(rf"GetRandom\(16\) +\d+ +\d+ {NUM}x", lines[1]), r.stdout
+    assert re.fullmatch(rf"ReadPublic, one object loaded +\d+ +\d+ {NUM}x", lines[2]), r.stdout
+    for i, path in ((3, "kernel"), (4, "node")):
+        assert re.fullmatch(rf"  batch means {path}: \d+-\d+, \d+-\d+ µs", lines[i]), r.stdout
+    goal = r"Goal \(CUSE node <= 1\.5x the kernel's /dev/tpmrm0, same swtpm, one 6\.12 guest\): node\(6\.12,cuse\): "
+    assert re.fullmatch(goal + rf"(NOT )?MET \(GetRandom {NUM}x, ReadPublic {NUM}x\)", lines[5]), r.stdout
+    how = " ".join(lines[6:])
+    assert how.startswith("How measured (guest): one Debian 6.12.") and "(0x80ffffff)" in how, how
+    assert "2 rounds" in how and "(5 GetRandom, 3 ReadPublic)" in how, how
     assert "FAILED" not in r.stdout
     assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bench_floor import FLOOR_GOAL, Floor
+from .bench_guest import DEFAULT_NAME, GUEST_GOAL, PATHS, ROWS, GuestFigure
 from .bench_load import FAIRNESS_GOAL, FILE_KIB_GOAL, THROUGHPUT_GOAL, FilesFigure, LoadFigure
 from .bench_paths import GOAL_OPS, OPS, Route
 
@@ -44,9 +45,10 @@ class Figures:
     floor: Floor | None = None
     files: FilesFigure | None = None
     load: list[LoadFigure] = field(default_factory=list)
+    guest: GuestFigure | None = None
 
     def failed(self) -> bool:
-        parts = [self.floor, self.files, *self.load]
+        parts = [self.floor, self.files, *self.load, self.guest]
         return any(x is not None and x.error for x in parts)
 
 
@@ -121,6 +123,58 @@ def report_load(figs: list[LoadFigure]) -> list[str]:
     verdict = "not measured" if fair is None else f"{met(fair >= FAIRNESS_GOAL)} ({fair:.2f})"
     out.append(f"Goal (slowest / fastest client >= {FAIRNESS_GOAL}, {node.clients} clients): {node.label}: {verdict}")
     return out
+
+
+GUEST_TITLE = "CUSE node against the kernel's /dev/tpmrm0"
+
+
+def report_guest(fig: GuestFigure) -> list[str]:
+    """The guest figure: µs (under TCG, for the record) and the ratio node / kernel, the figure."""
+    head = f"{GUEST_TITLE}, one {fig.kernel} guest"
+    label = f"node({fig.kernel},cuse)"
+    goal = f"Goal (CUSE node <= {GUEST_GOAL}x the kernel's /dev/tpmrm0, same swtpm, one {fig.kernel} guest)"
+    if fig.skipped:
+        return [f"{head}: not measured: {fig.skipped}"]
+    out = []
+    if all(fig.median(row, p) is not None for row in ROWS for p in PATHS):
+        cols = [
+            ["/dev/tpmrm0", *(ratio(fig.median(row, "kernel"), None) for row in ROWS)],
+            [f"/dev/{DEFAULT_NAME}", *(ratio(fig.median(row, "node"), fig.median(row, "kernel")) for row in ROWS)],
+        ]
+        out += grid("µs per command in the guest (TCG; x kernel)", list(ROWS), cols)
+        for p in PATHS:
+            spread = ", ".join(f"{min(b):.0f}-{max(b):.0f}" for row in ROWS if (b := fig.batches[row][p]))
+            out.append(f"  batch means {p}: {spread} µs")
+    if fig.error:
+        out.append(f"{head}: FAILED: {fig.error}")
+    got = [(row.split(",")[0].split("(")[0], x) for row in ROWS if (x := fig.ratio(row)) is not None]
+    if fig.error or len(got) < len(ROWS):
+        out.append(f"{goal}: not measured")
+    else:
+        detail = ", ".join(f"{op} {x:.2f}x" for op, x in got)
+        out.append(f"{goal}: {label}: {met(all(x <= GUEST_GOAL for _, x in got))} ({detail})")
+    if not fig.error:
+        out.append(textwrap.fill(how_guest(fig), width=96, break_on_hyphens=False))
+    return out
+
+
+def how_guest(fig: GuestFigure) -> str:
+    handles = sorted(set(fig.handles.values())) or ["?"]
+    start = f", up in {fig.node_start:.0f} s" if fig.node_start is not None else ""
+    return (
+        f"How measured (guest): one Debian {fig.release or fig.kernel} guest under qemu TCG, one swtpm "
+        "behind vtpm_proxy; the kernel's resource manager on /dev/tpmrm0, and `cusetpm serve --cuse "
+        f"{DEFAULT_NAME} --tcti device:/dev/tpm0 --kernel {fig.kernel}` on the same chip through the "
+        f"kernel's raw /dev/tpm0{start}; both open at once (the node holds /dev/tpm0, which /dev/tpmrm0 "
+        "does not need), nothing restarted between rounds.  One client process, raw os.write/os.read "
+        "on an O_RDWR fd; per path one file with nothing loaded (GetRandom(16)) and one holding an "
+        f"ECC P-256 primary ({'/'.join(handles)}) for ReadPublic, so each resource manager loads, saves "
+        f"and flushes it around every command.  {fig.rounds} rounds, each one batch per row and path "
+        f"({fig.sizes.get(ROWS[0], '?')} GetRandom, {fig.sizes.get(ROWS[1], '?')} ReadPublic), which path "
+        "goes first alternating; a figure is the median over rounds of the batch mean.  Absolute times "
+        "under TCG mean nothing; the ratio is the figure"
+        + (f".  {fig.seconds:.0f} s in the guest, boot included." if fig.seconds is not None else ".")
+    )
 
 
 def how_figures(args: argparse.Namespace) -> str:
@@ -217,6 +271,7 @@ def report(
         report_floor(paths, figures.floor) if figures.floor else [],
         report_files(figures.files) if figures.files else [],
         report_load(figures.load) if figures.load else [],
+        report_guest(figures.guest) if figures.guest else [],
     ):
         if part:
             print()
