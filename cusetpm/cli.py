@@ -20,7 +20,7 @@ from .backends import BackendError, open_backend
 from .daemon import TpmChip
 from .daemon.control import serve_control
 from .kernel.profiles import DEFAULT_PROFILE, PROFILES
-from .kernel.seam import KERNEL, Seam
+from .kernel.seam import Seam
 from .kernel.tpm2_cmd import ChipInitError
 from .serve import Tenants
 from .tenants.config import ConfigError, DaemonConfig
@@ -188,10 +188,6 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
     return config_from_args(args, kind, where), kind
 
 
-def _feature_name(seam: Seam) -> str:
-    return "swap lazy" if type(seam.feature).__name__ == "LazySwap" else "sessions global"
-
-
 def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """--control and --metrics given with --config win over the file's (a test harness, a
     unit file's drop-in); a reload keeps them."""
@@ -225,13 +221,12 @@ async def serve(args: argparse.Namespace) -> int:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(chip.serve)
                     await tenants.start(nursery)
-                    paths = [tenants.path(n.name) for n in tenants.nodes]
-                    for node, path in zip(tenants.nodes, paths, strict=True):
-                        seam = node.core.seam
-                        sessions = "" if seam is None or seam.feature is KERNEL else f", {_feature_name(seam)}"
-                        policy = ", tenant" if node.tenant is not None else ""
-                        print(f"cusetpm: serving {path} ({kind.upper()}, kernel {node.profile.name}{sessions}{policy})",
-                              flush=True)  # fmt: skip
+                    paths = [tenants.path(nc.name) for nc in config.nodes]
+                    for nc, path in zip(config.nodes, paths, strict=True):
+                        features = ", swap lazy" if config.swap == "lazy" else ""
+                        features += ", sessions global" if nc.sessions == "global" else ""
+                        features += ", tenant" if config.path is not None else ""
+                        print(f"cusetpm: serving {path} ({kind.upper()}, kernel {nc.kernel}{features})", flush=True)
                         print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
                     if control is not None:
                         nursery.start_soon(serve_control, chip, tenants.nodes, control, control_path)

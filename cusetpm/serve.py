@@ -47,8 +47,8 @@ class Tenants:
         self.major, self.minor = major, minor
         self.nodes: list[Node] = []
         self.metrics: Metrics | None = None
-        self._configs: dict[str, NodeConfig] = {}
-        self._scopes: dict[str, trio.CancelScope] = {}
+        #: The CUSE device of each node (cancelled: the device goes).
+        self._scopes: dict[Node, trio.CancelScope] = {}
         self._fuse: TpmFuse | None = None
         self._sessions: Seam | None = None
         self._swap: Seam | None = None
@@ -122,30 +122,22 @@ class Tenants:
             from .frontends.fuse import TpmFuse, serve_fuse
 
             self._fuse = TpmFuse()
-            for nc in self.config.nodes:
-                node = self._make(nc)
-                self._fuse.add(node, nc.name, nc.mode, nc.owner, nc.group)
-                self._register(node, nc)
+        for nc in self.config.nodes:
+            await self._add(nc)
+        if self._fuse is not None:
             await nursery.start(functools.partial(serve_fuse, self._fuse, self.fuse_dir))
-        else:
-            for nc in self.config.nodes:
-                await self._add(nc)
-
-    def _register(self, node: Node, nc: NodeConfig) -> None:
-        self.nodes.append(node)
-        self._configs[nc.name] = nc
 
     async def _add(self, nc: NodeConfig) -> None:
+        """One node, in front of user space: a file of the FUSE directory (live once the
+        directory is mounted), or its own CUSE device."""
         node = self._make(nc)
         assert self._nursery is not None
-        if self.kind == "fuse":
-            assert self._fuse is not None
+        if self._fuse is not None:
             self._fuse.add(node, nc.name, nc.mode, nc.owner, nc.group)
         else:
             from .frontends.cuse import serve_cuse
 
             scope = trio.CancelScope()
-            self._scopes[nc.name] = scope
 
             async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 with scope:
@@ -153,20 +145,20 @@ class Tenants:
                                      owner=nc.owner, group=nc.group, task_status=task_status)  # fmt: skip
 
             await self._nursery.start(run)
-        self._register(node, nc)
+            self._scopes[node] = scope
+        self.nodes.append(node)
 
     async def _retire(self, node: Node) -> None:
         """No new opens of a removed node; once its last file closes it is gone."""
         node.accepting = False
         if self._fuse is not None:
             self._fuse.hide(node.name)
-        self._configs.pop(node.name, None)
         if node.files:
             node.emptied = trio.Event()
             await node.emptied.wait()
         if self._fuse is not None:
             self._fuse.forget_node(node)
-        scope = self._scopes.pop(node.name, None)
+        scope = self._scopes.pop(node, None)
         if scope is not None:
             scope.cancel()
         self._close_audit(node)
@@ -179,15 +171,19 @@ class Tenants:
         for attr in ("tcti", "state_dir", "front", "fuse_dir", "metrics", "control", "sessions", "swap"):
             if getattr(new, attr) != getattr(self.config, attr):
                 raise ConfigError(f"{new.path}: {attr} cannot change on reload (restart the daemon)")
+        current = {nc.name: nc for nc in self.config.nodes}
+        closing = {n.name for n in self.nodes if not n.accepting}
         for nc in new.nodes:
-            old = self._configs.get(nc.name)
+            old = current.get(nc.name)
             if old is not None and (old.kernel, old.sessions) != (nc.kernel, nc.sessions):
                 raise ConfigError(f"{new.path}: node {nc.name}: kernel and sessions cannot change on reload")
+            if old is None and nc.name in closing:
+                raise ConfigError(f"{new.path}: node {nc.name} was removed and still has open files")
 
     async def reload(self) -> bool:
         """SIGHUP: reread the config.  If it does not parse (or asks what only a restart can
         do), one line says why and nothing changes.  True if it was applied."""
-        assert self.config.path is not None
+        assert self.config.path is not None and self._nursery is not None
         try:
             new = replace(load(self.config.path), **self.overrides)
             self.check(new)
@@ -195,19 +191,21 @@ class Tenants:
             log.error("reload refused, nothing changed: %s", exc)
             print(f"cusetpm: reload refused, nothing changed: {exc}", flush=True)
             return False
+        current = {nc.name: nc for nc in self.config.nodes}
+        live = {n.name: n for n in self.nodes if n.accepting}
         wanted = {nc.name: nc for nc in new.nodes}
-        assert self._nursery is not None
-        for node in list(self.nodes):
-            if node.accepting and node.name not in wanted:
-                self._nursery.start_soon(self._retire, node)
+        for name, gone in live.items():
+            if name not in wanted:
+                self._nursery.start_soon(self._retire, gone)
         for name, nc in wanted.items():
-            old = self._configs.get(name)
-            live = next((n for n in self.nodes if n.name == name and n.accepting), None)
-            if live is None:
-                await self._add(nc)
+            node = live.get(name)
+            if node is None:
+                try:
+                    await self._add(nc)
+                except OSError as exc:  # a CUSE name another process took meanwhile, say
+                    log.error("node %s not added: %s", name, exc)
                 continue
-            node = live
-            assert old is not None
+            old = current[name]
             node.set_policy(nc.policy)
             if (old.audit, old.audit_pcapng, old.audit_redact) != (nc.audit, nc.audit_pcapng, nc.audit_redact):
                 self._close_audit(node)
@@ -216,7 +214,6 @@ class Tenants:
                 node.audit.reopen()  # log rotation: SIGHUP reopens the same path
             if (old.mode, old.owner, old.group) != (nc.mode, nc.owner, nc.group):
                 self._set_attrs(nc)
-            self._configs[name] = nc
         self.config = new
         print(f"cusetpm: reloaded {new.path}: {len(wanted)} nodes", flush=True)
         return True

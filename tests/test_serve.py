@@ -177,6 +177,8 @@ def test_sighup_applies_a_new_config_and_a_broken_one_changes_nothing(tenants: S
         line = t.reload("reload refused")
         assert "unknown TPM command name 'GetRandon'" in line
         assert transact_rc(t.nodes["one"], GETRANDOM) == 0x000B0143  # the old policy stands
+        t.rewrite('[[node]]\nname = "one"\n\n[[node]]\nname = "two"\n')
+        assert "node two was removed and still has open files" in t.reload("reload refused")
     finally:
         os.close(held)
 
