@@ -64,6 +64,18 @@ def ends_handles(chip: Chip, buf: bytearray, length: int) -> bool:
     return any(h >> 24 in _HT_SESSIONS and not attrs & _CONTINUE for h, attrs in cmd.sessions)
 
 
+def _forget(space: Space) -> None:
+    """The file's handles are gone from the TPM (flushed, or never saved): its tables empty."""
+    space.context_tbl[:] = [0] * NR_SLOTS
+    space.session_tbl[:] = [0] * NR_SLOTS
+
+
+def _to_work_space(chip: Chip, space: Space) -> None:
+    """A resident file's loaded handles as the work space's, as prepare_space leaves them."""
+    chip.work_space.context_tbl[:] = space.context_tbl
+    chip.work_space.session_tbl[:] = space.session_tbl
+
+
 class LazySwap(Seam):
     """One per TPM: every node on the chip shares it, since the TPM's slots are shared."""
 
@@ -84,18 +96,14 @@ class LazySwap(Seam):
         if space is None or chip is None:
             return
         self.counters["evictions"] += 1
-        ws = chip.work_space
-        ws.context_tbl[:] = space.context_tbl
-        ws.session_tbl[:] = space.session_tbl
-        rc = yield from save_space(chip)
-        if rc:
+        _to_work_space(chip, space)
+        if (yield from save_space(chip)):
             # The kernel's commit error path: what was loaded is flushed; the file keeps
             # nothing (its commit would have failed the command that loaded them).
             yield from flush_space(chip)
-            space.context_tbl[:] = [0] * NR_SLOTS
-            space.session_tbl[:] = [0] * NR_SLOTS
+            _forget(space)
             return
-        space.copy_from(ws)
+        space.copy_from(chip.work_space)
 
     def _needs_its_blobs(self, chip: Chip, space: Space, cc: int, buf: bytearray, length: int) -> bool:
         """Could this command of the resident file fail in its commit?  The kernel then
@@ -117,22 +125,19 @@ class LazySwap(Seam):
         if not fast or self._needs_its_blobs(chip, space, cc, buf, length):
             yield from self._evict()
             return (yield from prepare_space(chip, space, buf, bufsiz))
-        ws = chip.work_space
-        ws.context_tbl[:] = space.context_tbl
-        ws.session_tbl[:] = space.session_tbl
+        _to_work_space(chip, space)
         rc = map_command(chip, cc, buf)
         if rc:
             # The kernel has loaded everything when the mapping fails, and flushes it all:
             # the file keeps its objects' blobs and loses its sessions.  Saving first and
             # then flushing leaves the TPM and the file the same.
             self.resident = self.resident_chip = None
-            saved = yield from save_space(chip)
+            failed = yield from save_space(chip)
             yield from flush_space(chip)
-            if saved:
-                space.context_tbl[:] = [0] * NR_SLOTS
-                space.session_tbl[:] = [0] * NR_SLOTS
+            if failed:
+                _forget(space)
             else:
-                space.copy_from(ws)
+                space.copy_from(chip.work_space)
             return rc
         chip.last_cc = cc
         self.counters["resident_commands"] += 1
@@ -142,10 +147,8 @@ class LazySwap(Seam):
         """The TPM could not be reached: flush what the work space holds (tpm2_flush_space);
         a resident file's objects go with it (they were never saved)."""
         if self.resident is not None and self.resident_chip is chip:
-            space = self.resident
+            _forget(self.resident)
             self.resident = self.resident_chip = None
-            space.context_tbl[:] = [0] * NR_SLOTS
-            space.session_tbl[:] = [0] * NR_SLOTS
         yield from flush_space(chip)
 
     def save(self, chip: Chip, space: Space, buf: bytearray, length: int) -> Io[int]:
@@ -162,8 +165,7 @@ class LazySwap(Seam):
             yield from flush_space(chip)
             if self.resident is space:
                 self.resident = self.resident_chip = None
-                space.context_tbl[:] = [0] * NR_SLOTS
-                space.session_tbl[:] = [0] * NR_SLOTS
+                _forget(space)
             return rc
         # The kernel's commit would save and flush here; the file stays loaded instead.
         space.context_tbl[:] = chip.work_space.context_tbl
