@@ -36,7 +36,7 @@ def _nr_handles(chip: Chip, cc: int) -> int:
     return 0 if i < 0 else (chip.cc_attrs_tbl[i] >> wire.CC_ATTR_CHANDLES) & 0x7
 
 
-def _has_rhandle(chip: Chip, cc: int) -> bool:
+def has_rhandle(chip: Chip, cc: int) -> bool:
     i = find_cc(chip, cc)
     return i >= 0 and bool((chip.cc_attrs_tbl[i] >> wire.CC_ATTR_RHANDLE) & 1)
 
@@ -76,7 +76,7 @@ def response_session_attrs(chip: Chip, cc: int, buf: bytes | bytearray, length: 
     """sessionAttributes of each entry of a successful response's authorization area."""
     if length < wire.TPM_HEADER_SIZE or be16(buf, 0) != ST_SESSIONS:
         return []
-    offset = wire.TPM_HEADER_SIZE + (4 if _has_rhandle(chip, cc) else 0)
+    offset = wire.TPM_HEADER_SIZE + (4 if has_rhandle(chip, cc) else 0)
     if offset + 4 > length:
         return []
     offset += 4 + be32(buf, offset)  # parameterSize, parameters

@@ -26,7 +26,7 @@ from ..kernel import wire
 from ..kernel.request import Io
 from ..kernel.seam import Seam
 from ..kernel.structs import NR_SLOTS, Chip, Space
-from ..kernel.tpm2_cmd import find_cc, flush_context
+from ..kernel.tpm2_cmd import flush_context
 from ..kernel.tpm2_space import (
     SAVED,
     commit_space,
@@ -40,7 +40,7 @@ from ..kernel.tpm2_space import (
     save_space,
 )
 from ..kernel.wire import be32
-from ..sessions.parse import parse_command
+from ..sessions.parse import has_rhandle, parse_command
 
 #: Commands after which the kernel's commit may find a handle gone (ContextSave of a
 #: flushed handle answers REFERENCE_H0 and the slot is forgotten): committed the kernel's way.
@@ -109,10 +109,8 @@ class LazySwap(Seam):
         """Could this command of the resident file fail in its commit?  The kernel then
         flushes the work space and leaves the file as its last commit saved it; a resident
         file has no such save, so it is saved first (these commands are rare)."""
-        i = find_cc(chip, cc)
-        if i >= 0 and chip.cc_attrs_tbl[i] >> wire.CC_ATTR_RHANDLE & 1:
-            if all(space.context_tbl) or all(space.session_tbl):
-                return True  # out of slots: map_response_header's ENOMEM
+        if has_rhandle(chip, cc) and (all(space.context_tbl) or all(space.session_tbl)):
+            return True  # out of slots: map_response_header's ENOMEM
         return cc == wire.CC_GET_CAPABILITY and length >= 14 and be32(buf, 10) == wire.CAP_HANDLES
 
     def load(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:

@@ -17,16 +17,14 @@ from ..kernel import wire
 from ..kernel.request import Io
 from ..kernel.seam import KERNEL, Seam
 from ..kernel.structs import Chip, Space
-from ..kernel.tpm2_cmd import find_cc
 from ..kernel.wire import be32
-from ..sessions.parse import rm_answer
+from ..sessions.parse import has_rhandle, rm_answer
 from .policy import CC_START_AUTH_SESSION, Policy, Refusal, Usage, decide
 
 
 def _creates_object(chip: Chip, cc: int) -> bool:
     """The command returns a new handle (TPMA_CC rHandle) and it is not a session's."""
-    i = find_cc(chip, cc)
-    return i >= 0 and bool(chip.cc_attrs_tbl[i] >> wire.CC_ATTR_RHANDLE & 1) and cc != CC_START_AUTH_SESSION
+    return has_rhandle(chip, cc) and cc != CC_START_AUTH_SESSION
 
 
 class TenantSeam(Seam):
