@@ -71,7 +71,7 @@ class TpmFuse(pyfuse3.Operations):
     """pyfuse3 operations for a directory of TPM device files, one per node.
 
     Tenant nodes (``--config``) come and go with a reload: :meth:`add` makes a file appear,
-    :meth:`hide` takes its name away (files open on it go on), :meth:`forget` drops it.
+    :meth:`hide` takes its name away (files open on it go on), :meth:`forget_node` drops it.
     """
 
     enable_writeback_cache = False
@@ -95,20 +95,24 @@ class TpmFuse(pyfuse3.Operations):
         """A file ``name`` for ``node``.  Its owner and group default to the daemon's; the
         kernel checks them against ``mode`` itself (``default_permissions``), so a client
         without access gets EACCES."""
-        entry = Entry(node, self._next_inode, mode, os.getuid() if owner is None else owner,
-                      os.getgid() if group is None else group)  # fmt: skip
+        entry = Entry(node, self._next_inode)
         self._next_inode += 1
+        self._set(entry, mode, owner, group)
         self.entries[name.encode()] = entry
         self.by_inode[entry.inode] = entry
 
     def set_attrs(self, name: str, mode: int, owner: int | None, group: int | None) -> None:
         """A reload changed a file's mode or owner: the next stat shows it."""
         entry = self.entries[name.encode()]
+        self._set(entry, mode, owner, group)
+        if self.mounted:
+            pyfuse3.invalidate_inode(entry.inode, attr_only=True)
+
+    @staticmethod
+    def _set(entry: Entry, mode: int, owner: int | None, group: int | None) -> None:
         entry.mode = mode
         entry.owner = os.getuid() if owner is None else owner
         entry.group = os.getgid() if group is None else group
-        if self.mounted:
-            pyfuse3.invalidate_inode(entry.inode, attr_only=True)
 
     def hide(self, name: str) -> None:
         """No new open of ``name``: it leaves the directory (the kernel forgets its entry)."""
