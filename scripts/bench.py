@@ -26,10 +26,17 @@ passes during K user commands.
 With ``--lazy`` (the default when ``cusetpm serve --help`` offers ``--swap``) the node also
 runs with ``--swap lazy``: the column ``node(6.12,lazy)``.
 
-Then three figures of issue 9, each against a baseline measured in the same run:
+Then the figures of issue 9, each against a baseline measured in the same run:
 
 * the idle request (a read() with nothing pending, a poll()) on the node against the same on
   a C libfuse low-level file system the bench builds (bench_floor): goal <= 1.5x,
+* the limits: the backend's own cost per row over one persistent raw socket to a swtpm of its
+  own (bench_limits; the command alone, and inside the kernel's four-command cycle when the
+  file holds a key), timed in the same interleaved rounds as the paths; a row's limit is that
+  cost + five floor requests (the C file's idle read; the device TCTI's five requests per
+  command).  Goals: kernel mode (the kernel profiles, --sessions global) each row <= 1.3x its
+  limit (the cycle) and Sign <= 1.0x abrmd; --swap lazy each row <= 0.8x abrmd and <= 1.3x its
+  limit (the command alone), and 1.00 backend command per user command,
 * 1 000 files open on a node in kernel mode, one GetRandom each: the daemon's VmRSS per file
   (bench_load): goal <= 8 KiB,
 * 64 client processes calling GetRandom at once for a fixed time, on the node in kernel mode
@@ -45,9 +52,9 @@ times under TCG mean nothing).
 Prints; never asserts on speed.  Exits 1 only if some part failed to run.
 
 The parts live in cusetpm.testing: bench_rig (processes), bench_paths (client, paths,
-measuring), bench_floor, bench_load and bench_clients (the figures), bench_guest (the guest
-figure, both sides), bench_report (the tables); swtpm, daemon and relay are the test support's
-own.
+measuring), bench_floor, bench_limits, bench_load and bench_clients (the figures), bench_guest
+(the guest figure, both sides), bench_report (the tables and goals); swtpm, daemon and relay
+are the test support's own.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ import time
 
 from cusetpm.testing.bench_floor import measure_floors
 from cusetpm.testing.bench_guest import GuestFigure, guest_figure
+from cusetpm.testing.bench_limits import start_backend
 from cusetpm.testing.bench_load import clients_figure, files_figure
 from cusetpm.testing.bench_paths import abrmd_route, count_commands, direct_route, measure, missing, node_route
 from cusetpm.testing.bench_report import Figures, report, report_guest
@@ -122,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     rig = Rig()
     try:
         with rig.phase():
-            nodes = measure(paths, rig, args.rounds, sizes, args.warmup)
+            backend = start_backend(rig, sizes, args.warmup)
+            nodes = measure(paths, rig, args.rounds, sizes, args.warmup, each_round=backend.round)
+            figures.backend = backend.cost
             if args.floor:
                 figures.floor = measure_floors(paths, nodes, rig, args.floor)
         with rig.phase():

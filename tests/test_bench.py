@@ -114,7 +114,6 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert any(line.startswith("Goal (node <= 1.5x direct") and "node(6.12)" in line for line in lines)
     header = next(line for line in lines if line.startswith("backend cmds per user cmd")).split()[5:]
     lazy = ["node(6.12,lazy)"] if bench.serve_offers("--swap") else []
     assert header == ["direct", "node(6.12)", "node(6.12,global)", *lazy, "abrmd"]
@@ -141,6 +140,28 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
         one(
             rf"Goal \(idle request on the node <= 1\.5x C libfuse\): {re.escape(label)}: (NOT )?MET \(read {NUM}x, poll {NUM}x\)"
         )
+    # The limits: the backend's own cost over a raw socket, each node column against its limit,
+    # and issue 9's goals for every node column in its mode.
+    one(r"backend's own cost, µs \(cmds\) +alone +kernel cycle +limit, kernel +limit, lazy")
+    one(r"GetRandom\(16\) +\d+ +\d+ \(1\) +\d+ +\d+")
+    one(r"  same, key loaded +\d+ +\d+ \(4\) +\d+ +\d+")
+    one(r"Sign ECDSA P256 +\d+ +\d+ \(4\) +\d+ +\d+")
+    one(r"  one raw socket to its own swtpm, both on CPU \d+; unpinned, GetRandom\(16\) alone: \d+ µs")
+    one(r"  limit = backend cost \+ 5 x the C libfuse idle read \(\d+ µs\);.*")
+    assert one(r"µs per command \(x its limit\) +(.*)").group(1).split() == floor_head
+    assert not any(line.startswith("Goal (node <= 1.5x direct") for line in lines)
+    verdict = rf"(NOT )?MET \(GetRandom {NUM}x, key loaded {NUM}x, Sign {NUM}x\)"
+    for label in floor_head:
+        if label.endswith(",lazy)"):
+            one(rf"Goal \(--swap lazy: each row <= 0\.8x abrmd\): {re.escape(label)}: {verdict}")
+            one(rf"Goal \(--swap lazy: each row <= 1\.3x its limit, .*\): {re.escape(label)}: {verdict}")
+            one(
+                rf"Goal \(--swap lazy: 1\.00 backend command per user command, a client alone\): {re.escape(label)}:"
+                rf" (NOT )?MET \(GetRandom {NUM}, key loaded {NUM}, Sign {NUM}\)"
+            )
+        else:
+            one(rf"Goal \(kernel mode: each row <= 1\.3x its limit, .*\): {re.escape(label)}: {verdict}")
+            one(rf"Goal \(kernel mode: Sign <= 1\.0x abrmd\): {re.escape(label)}: (NOT )?MET \(Sign {NUM}x\)")
     # Memory per open file.
     one(
         rf"50 files open on node\(6\.12\), one GetRandom each: daemon VmRSS \d+ KiB after 10 warm-up files, \d+ KiB with all open \({NUM} s to open them\)"

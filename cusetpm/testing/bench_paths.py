@@ -77,8 +77,6 @@ OPS: list[tuple[str, str, str]] = [
     ("  same, key loaded", "keyed", "get_random"),
     ("Sign ECDSA P256", "keyed", "sign"),
 ]
-#: The rows the project's goal is about.
-GOAL_OPS = ("GetRandom(16)", "Sign ECDSA P256")
 
 
 @dataclass
@@ -99,6 +97,8 @@ class Route:
     #: poll), node only: bench_floor.measure_floors.
     request_us: float | None = None
     poll_us: float | None = None
+    #: A node's swap mode ("kernel" or "lazy": what its limit and goals are), None for the others.
+    mode: str | None = None
 
     def median(self, op: str) -> float | None:
         b = self.batches.get(op)
@@ -123,6 +123,7 @@ def node_route(kernel: str, sessions: str = "kernel", extra: tuple[str, ...] = (
     The label defaults to ``node(KERNEL[,SESSIONS][,VALUES of extra])``: ``node(6.12,lazy)``.
     """
     args = (("--sessions", sessions) if sessions != "kernel" else ()) + tuple(extra)
+    mode = extra[extra.index("--swap") + 1] if "--swap" in extra[:-1] else "kernel"
     if label is None:
         parts = [kernel] + ([sessions] if sessions != "kernel" else []) + [a for a in extra if not a.startswith("-")]
         label = f"node({','.join(parts)})"
@@ -137,7 +138,7 @@ def node_route(kernel: str, sessions: str = "kernel", extra: tuple[str, ...] = (
         node = rig.node(f"node-{tag}-count", kernel, tcti=f"swtpm:host=127.0.0.1,port={relay.port}", extra=args)
         return "device", node, relay
 
-    return Route(label, setup, count, tctis=("swtpm", "device"))
+    return Route(label, setup, count, tctis=("swtpm", "device"), mode=mode)
 
 
 def abrmd_route() -> Route:
@@ -207,8 +208,18 @@ def request_floor(path: str, n: int = 2000, op: str = "read") -> float:
         os.close(fd)
 
 
-def measure(paths: list[Route], rig: Rig, rounds: int, sizes: dict[str, int], warmup: int) -> dict[str, str]:
-    """Time every path's rows in interleaved rounds; returns each node path's file (label -> path)."""
+def measure(
+    paths: list[Route],
+    rig: Rig,
+    rounds: int,
+    sizes: dict[str, int],
+    warmup: int,
+    each_round: Callable[[], None] | None = None,
+) -> dict[str, str]:
+    """Time every path's rows in interleaved rounds; returns each node path's file (label -> path).
+
+    ``each_round`` runs once per round after the paths' batches (the backend's own cost,
+    bench_limits), so that it sees the same background load."""
     clients: dict[str, dict[str, Client]] = {}
     nodes: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
@@ -236,6 +247,8 @@ def measure(paths: list[Route], rig: Rig, rounds: int, sizes: dict[str, int], wa
                         p.batches.setdefault(op, []).append(time_batch(getattr(got[kind], meth), sizes[meth]))
                     except Exception as exc:
                         p.error = f"{type(exc).__name__}: {exc}"
+            if each_round is not None:
+                each_round()
     failed = {p.label for p in paths if p.error}
     return {label: node for label, node in nodes.items() if label not in failed}
 

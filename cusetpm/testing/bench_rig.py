@@ -106,9 +106,13 @@ class Rig:
 
     def swtpm(self, name: str, startup: bool = True) -> int:
         """A fresh swtpm with cusetpm's managed arguments; returns its data port."""
+        return self.start_swtpm(name, startup).port
+
+    def start_swtpm(self, name: str, startup: bool = True) -> Swtpm:
+        """The same, the whole :class:`Swtpm` (its process, for one the bench pins to a CPU)."""
         swtpm = Swtpm.start(self.dir(name), flags=STARTED if startup else NEEDS_STARTUP)
         self.stack.callback(swtpm.stop)
-        return swtpm.port
+        return swtpm
 
     def node(self, name: str, kernel: str, tcti: str | None = None, extra: tuple[str, ...] = ()) -> str:
         """``cusetpm serve --fuse``; returns the node's path once the daemon says it serves

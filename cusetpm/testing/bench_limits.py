@@ -1,0 +1,356 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""scripts/bench.py's limits: what the backend itself costs per command, over one raw socket.
+
+Issue 9 puts each row's limit at the backend's own cost plus five floor requests (the device
+TCTI's five FUSE requests per command).  The backend's own cost is measured here, in the same
+run and the same interleaved rounds as the paths: one more fresh swtpm, one persistent blocking
+TCP connection to its data channel from the bench process, raw TPM command bytes in, the
+response out, every response code checked.  No TCTI, no ESAPI, no resource manager: what is
+left is swtpm's work and one loopback round trip per backend command.
+
+Each row is timed two ways:
+
+* **alone**: just the command (what ``--swap lazy`` sends for a client alone on the node: the
+  key stays loaded);
+* **kernel cycle**: what the kernel's resource manager sends for it.  A file with a transient
+  object in its space costs ContextLoad (its last saved context), the command, ContextSave and
+  FlushContext: four backend commands (``tpm2_prepare_space``/``tpm2_commit_space``).  A file
+  with nothing loaded costs the command alone, so GetRandom with nothing loaded has the same
+  figure both ways.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from tpm2_pytss.constants import TPM2_ALG, TPM2_CC, TPM2_RH, TPM2_ST, TPMA_OBJECT
+
+from ..kernel import wire
+from .bench_paths import OPS, time_batch
+from .bench_rig import Rig
+
+# --- the commands, as bytes --------------------------------------------------------------
+
+ST_SESSIONS = int(TPM2_ST.SESSIONS)
+#: One password authorization (TPM2_RS_PW, empty nonce, no attributes, empty password), with
+#: its authorizationSize in front: what CreatePrimary and Sign need for an empty auth value.
+PW_AUTH = struct.pack(">IIHBH", 9, int(TPM2_RH.PW), 0, 0, 0)
+#: The signing key: an ECC P-256 primary in the owner hierarchy, as the paths' clients make.
+KEY_ATTRS = (
+    TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+)  # fmt: skip
+DIGEST = bytes(range(32))  # the paths' clients sign the same
+NAMES = {
+    wire.CC_GET_RANDOM: "GetRandom",
+    wire.CC_CONTEXT_LOAD: "ContextLoad",
+    wire.CC_CONTEXT_SAVE: "ContextSave",
+    wire.CC_FLUSH_CONTEXT: "FlushContext",
+    int(TPM2_CC.Sign): "Sign",
+    int(TPM2_CC.CreatePrimary): "CreatePrimary",
+}
+
+
+def get_random(n: int = 16) -> bytes:
+    return wire.command(wire.CC_GET_RANDOM, struct.pack(">H", n))
+
+
+def create_primary() -> bytes:
+    """CreatePrimary(owner) of the signing key: empty sensitive, no outside info, no PCRs."""
+    from tpm2_pytss.types import TPM2B_PUBLIC
+
+    public = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=KEY_ATTRS).marshal()
+    sensitive = struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: empty userAuth and data
+    body = wire.u32(int(TPM2_RH.OWNER)) + PW_AUTH + sensitive + public + struct.pack(">HI", 0, 0)
+    return wire.command(int(TPM2_CC.CreatePrimary), body, ST_SESSIONS)
+
+
+def sign(handle: int) -> bytes:
+    """Sign DIGEST with the key at ``handle``: sha256 digest, null scheme (the key's own
+    ECDSA-SHA256), a null hash-check ticket."""
+    scheme = struct.pack(">H", int(TPM2_ALG.NULL))  # TPMT_SIG_SCHEME, no details
+    ticket = struct.pack(">HIH", int(TPM2_ST.HASHCHECK), int(TPM2_RH.NULL), 0)  # TPMT_TK_HASHCHECK
+    body = wire.u32(handle) + PW_AUTH + struct.pack(">H", len(DIGEST)) + DIGEST + scheme + ticket
+    return wire.command(int(TPM2_CC.Sign), body, ST_SESSIONS)
+
+
+def context_save(handle: int) -> bytes:
+    return wire.command(wire.CC_CONTEXT_SAVE, wire.u32(handle))
+
+
+def context_load(context: bytes) -> bytes:
+    """ContextLoad of a TPMS_CONTEXT as ContextSave answered it (the body after the header)."""
+    return wire.command(wire.CC_CONTEXT_LOAD, context)
+
+
+def flush_context(handle: int) -> bytes:
+    return wire.command(wire.CC_FLUSH_CONTEXT, wire.u32(handle))
+
+
+# --- the connection ----------------------------------------------------------------------
+
+
+#: Sends of one command at most while the TPM answers RETRY or TESTING.
+RETRIES = 10
+
+
+class TpmError(RuntimeError):
+    """A command answered with a nonzero response code (or a broken response)."""
+
+
+class RawTpm:
+    """One persistent blocking connection to swtpm's data channel: command bytes in, response out."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: int = 30) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Blocking, with the kernel's timeouts: a Python socket timeout polls before every
+        # send and recv, one more system call per exchange than the backend costs.
+        self.sock.settimeout(None)
+        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            self.sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", timeout, 0))
+        #: Backend commands sent on this connection, and how many of them were sent again.
+        self.sent = 0
+        self.retries = 0
+
+    def call(self, cmd: bytes) -> bytes:
+        """The whole response; TpmError unless its response code is 0.  TPM_RC_RETRY and
+        TPM_RC_TESTING are sent again, as the kernel's tpm_transmit() and tpm2-tss do (swtpm
+        answers a first Sign with RETRY while it tests the algorithm)."""
+        for _ in range(RETRIES):
+            rsp = self._exchange(cmd)
+            rc = wire.be32(rsp, 6)
+            if rc not in (wire.RC_RETRY, wire.RC_TESTING):
+                break
+            self.retries += 1
+        if rc:
+            raise TpmError(f"{self.name(cmd)}: response code 0x{rc:03x}")
+        return rsp
+
+    def _exchange(self, cmd: bytes) -> bytes:
+        sock = self.sock
+        sock.sendall(cmd)
+        self.sent += 1
+        rsp = sock.recv(65536)
+        while len(rsp) < wire.TPM_HEADER_SIZE or len(rsp) < wire.be32(rsp, 2):
+            more = sock.recv(65536)
+            if not more:
+                raise TpmError(f"{self.name(cmd)}: the TPM closed the connection")
+            rsp += more
+        if len(rsp) != wire.be32(rsp, 2):
+            raise TpmError(f"{self.name(cmd)}: {len(rsp)} bytes for a {wire.be32(rsp, 2)}-byte response")
+        return rsp
+
+    @staticmethod
+    def name(cmd: bytes) -> str:
+        cc = wire.be32(cmd, 6)
+        return NAMES.get(cc, f"command 0x{cc:x}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- the figure --------------------------------------------------------------------------
+
+#: The modes a row is timed in, and the first row's unpinned one.
+MODES = ("alone", "cycle")
+UNPINNED = "unpinned"
+GET_RANDOM = get_random(16)
+
+
+def kind_of(op: str) -> str:
+    """The row's connection: "plain" (nothing loaded) or "keyed" (the key in its space)."""
+    return next(k for o, k, _ in OPS if o == op)
+
+
+def cycle_commands(op: str) -> int:
+    """Backend commands the kernel's resource manager sends for one user command of the row:
+    four around a command of a file with the key in its space, else the command alone."""
+    return 4 if kind_of(op) == "keyed" else 1
+
+
+@dataclass
+class BackendCost:
+    """The backend's own µs per command, per mode and row (batch means), or why not measured."""
+
+    rounds: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)
+    #: The CPU the client and its swtpm were pinned to (None: not pinned, see ``pin_error``).
+    cpu: int | None = None
+    pin_error: str | None = None
+    #: mode -> row -> per-batch mean µs per user command.  "alone" and "cycle" for every row
+    #: (pinned); "unpinned": the first row alone, where the scheduler puts the two processes.
+    batches: dict[str, dict[str, list[float]]] = field(default_factory=lambda: {m: {} for m in (*MODES, UNPINNED)})
+    error: str | None = None
+
+    def median(self, mode: str, op: str) -> float | None:
+        """The row's figure; a row whose cycle is the command alone reads the same both ways."""
+        if mode == "cycle" and cycle_commands(op) == 1:
+            mode = "alone"
+        got = self.batches.get(mode, {}).get(op)
+        return statistics.median(got) if got and self.error is None else None
+
+
+class BackendBench:
+    """The raw-socket measurement on one swtpm, one round at a time, so that its rounds
+    interleave with the paths' (:func:`cusetpm.testing.bench_paths.measure`'s ``each_round``).
+
+    Between rounds the key is saved and flushed (the kernel's state for a file between
+    commands); a round times each row with nothing loaded (a keyed row inside the kernel's
+    cycle), loads the key, times the keyed rows alone with it loaded, and saves and flushes it.
+
+    The bench's thread and the swtpm (``pid``) are pinned to one CPU while a round runs:
+    a wake-up on another CPU costs more than the exchange itself on a small VM (a GetRandom
+    takes 100-160 µs on our 2-core one when the two land on different CPUs, 20 µs on one), and
+    the limit is the least the backend costs.  The first row alone is timed unpinned as well
+    (the scheduler's choice), for the record.
+    """
+
+    def __init__(
+        self, port: int, sizes: dict[str, int], warmup: int = 10, pid: int | None = None, cpu: int | None = None
+    ) -> None:
+        self.port = port
+        self.sizes = sizes
+        self.warmup = warmup
+        self.pid = pid
+        self.cost = BackendCost(sizes=dict(sizes), cpu=cpu if pid is not None else None)
+        if pid is None:
+            self.cost.pin_error = "no swtpm process to pin"
+        self.tpm: RawTpm | None = None
+        self.context = b""  # the key's last saved TPMS_CONTEXT
+        self.handle: int | None = None  # the key's handle while loaded
+        self._signs: dict[int, bytes] = {}
+
+    def start(self) -> None:
+        """Connect, make the key, save and flush it, warm up; a failure is kept in cost.error."""
+        try:
+            self.tpm = RawTpm(self.port)
+            self.handle = wire.be32(self.tpm.call(create_primary()), wire.TPM_HEADER_SIZE)
+            self.unload_key()
+            self._round(lambda _op, _n: self.warmup, record=False)
+        except Exception as exc:
+            self.cost.error = f"{type(exc).__name__}: {exc}"
+
+    def step(self, op: str, mode: str) -> Callable[[], None]:
+        """One user command of row ``op`` as the backend sees it in ``mode``, ready to call
+        (built first, so a batch times the exchanges).  The key must be loaded for a keyed row
+        alone, and saved and flushed otherwise."""
+        tpm = self.tpm
+        assert tpm is not None
+        call = tpm.call
+        meth = next(m for o, _, m in OPS if o == op)
+        command: Callable[[int], bytes] = self._sign if meth == "sign" else lambda _handle: GET_RANDOM
+
+        def alone() -> None:
+            call(command(self.handle or 0))
+
+        def cycle() -> None:
+            handle = wire.be32(call(context_load(self.context)), wire.TPM_HEADER_SIZE)
+            call(command(handle))
+            self.context = call(context_save(handle))[wire.TPM_HEADER_SIZE :]
+            call(flush_context(handle))
+
+        return cycle if mode == "cycle" and cycle_commands(op) > 1 else alone
+
+    def run(self, op: str, mode: str) -> None:
+        """One user command of row ``op`` in ``mode`` (see :meth:`step`)."""
+        self.step(op, mode)()
+
+    def round(self) -> None:
+        """One batch per row and mode (a row whose cycle is the command alone: one batch); a
+        failure is kept in cost.error and ends the measurement."""
+        if self.cost.error is not None or self.tpm is None:
+            return
+        try:
+            self._round(lambda _op, meth: self.sizes[meth], record=True)
+            self.cost.rounds += 1
+        except Exception as exc:
+            self.cost.error = f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        if self.tpm is not None:
+            self.tpm.close()
+            self.tpm = None
+
+    def _round(self, size: Callable[[str, str], int], record: bool) -> None:
+        first, _, meth0 = OPS[0]
+        self._batch(first, UNPINNED, size(first, meth0), record)
+        with self._pinned():
+            for op, _, meth in OPS:  # nothing loaded
+                self._batch(op, "cycle" if cycle_commands(op) > 1 else "alone", size(op, meth), record)
+            self.load_key()
+            for op, _, meth in OPS:
+                if cycle_commands(op) > 1:
+                    self._batch(op, "alone", size(op, meth), record)
+            self.unload_key()
+
+    @contextlib.contextmanager
+    def _pinned(self) -> Iterator[None]:
+        """This thread and the swtpm on cost.cpu, for the block (both masks restored after)."""
+        cpu, pid = self.cost.cpu, self.pid
+        if cpu is None or pid is None:
+            yield
+            return
+        masks = {0: os.sched_getaffinity(0)}
+        try:
+            masks[pid] = os.sched_getaffinity(pid)
+            for who in masks:
+                os.sched_setaffinity(who, {cpu})
+        except OSError as exc:
+            self.cost.cpu, self.cost.pin_error = None, f"sched_setaffinity: {exc.strerror or exc}"
+        try:
+            yield
+        finally:
+            for who, mask in masks.items():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(who, mask)
+
+    def _batch(self, op: str, mode: str, n: int, record: bool) -> None:
+        us = time_batch(self.step(op, mode), n)
+        if record:
+            self.cost.batches[mode].setdefault(op, []).append(us)
+
+    def _sign(self, handle: int) -> bytes:
+        cmd = self._signs.get(handle)
+        if cmd is None:
+            cmd = self._signs[handle] = sign(handle)
+        return cmd
+
+    def load_key(self) -> None:
+        """ContextLoad the key's last saved context: loaded, as ``--swap lazy`` keeps it."""
+        assert self.tpm is not None
+        self.handle = wire.be32(self.tpm.call(context_load(self.context)), wire.TPM_HEADER_SIZE)
+
+    def unload_key(self) -> None:
+        """ContextSave and FlushContext the key: the kernel's state for a file between commands."""
+        assert self.tpm is not None and self.handle is not None
+        self.context = self.tpm.call(context_save(self.handle))[wire.TPM_HEADER_SIZE :]
+        self.tpm.call(flush_context(self.handle))
+        self.handle = None
+
+
+def pick_cpu() -> int:
+    """The CPU to pin the measurement to: the last this process may run on."""
+    return max(os.sched_getaffinity(0))
+
+
+def start_backend(rig: Rig, sizes: dict[str, int], warmup: int) -> BackendBench:
+    """A BackendBench on a fresh swtpm of the rig's (started as the paths' are: swtpm does
+    Startup itself), connected and warmed up; closed with the rig's current phase.  A failure
+    is kept in its cost.error."""
+    try:
+        swtpm = rig.start_swtpm("backend")
+    except Exception as exc:
+        bench = BackendBench(0, sizes, warmup)
+        bench.cost.error = f"{type(exc).__name__}: {exc}"
+        return bench
+    bench = BackendBench(swtpm.port, sizes, warmup, pid=swtpm.proc.pid, cpu=pick_cpu())
+    rig.stack.callback(bench.close)
+    bench.start()
+    return bench
