@@ -278,6 +278,49 @@ class DeviceFile:
             if not handed_over:
                 self.lock.release()
 
+    # -- the fast path: what needs no waiting, answered without a task (issue 9) ----------
+    #
+    # Each returns None, having done nothing, when the call would have to wait (the file lock
+    # is taken, or the command must go to the TPM); the front end then runs the async method,
+    # which does it all.  Otherwise it is exactly that method, minus the awaits.
+
+    def try_write(self, data: bytes, nonblock: bool) -> int | None:
+        """write() of an O_NONBLOCK command with the lock free: queue it and return."""
+        if not nonblock or self.lock.value == 0:
+            return None
+        if self.node.recorder is not None:
+            self.node.recorder.wrote(self, data, nonblock)
+        FileState.check_size(len(data))
+        self.lock.acquire_nowait()
+        try:
+            self.state.accept_write(data, nonblock)
+        except BaseException:
+            self.lock.release()
+            raise
+        self._work_done = trio.Event()
+        self.chip.queue_work(self)  # the worker releases the lock
+        return len(data)
+
+    def try_read(self, size: int) -> bytes | None:
+        """read() with the lock free (a ready response, or nothing pending)."""
+        if self.lock.value == 0:
+            return None
+        if self.node.recorder is not None:
+            self.node.recorder.read(self, size)
+        if not self.state.read_needs_lock(size):
+            return b""
+        return self.state.read(size)
+
+    def try_poll(self, wake: Callable[[], None] | None = None) -> int | None:
+        """poll() with the lock free."""
+        if self.lock.value == 0:
+            return None
+        if self.node.recorder is not None:
+            self.node.recorder.polled(self, wake is not None)
+        if wake is not None:
+            self._waiter = wake
+        return self.state.poll_mask()
+
     async def async_work(self) -> None:
         """tpm_dev_async_work(): the O_NONBLOCK command, run after write() returned.
 

@@ -4,15 +4,9 @@
 :func:`serve_cuse` opens /dev/cuse, answers CUSE_INIT (which makes the kernel
 create ``/dev/<name>``) and then answers requests until the channel dies or
 the caller cancels it.  The bytes are handled by :mod:`cusetpm.frontends.cuse_proto`;
-here is only I/O and concurrency:
-
-* every read/write/poll/open request runs in its own task, so a read on one
-  file that waits for its TPM response never delays another file;
-* FUSE_INTERRUPT (the caller got a signal) cancels the waiting task, and the
-  request is answered EINTR.  Whether cancelling is safe at that point is the
-  device's business: it shields what must not be interrupted;
-* FUSE_POLL with FUSE_POLL_SCHEDULE_NOTIFY hands the device a ``wake``
-  callback that sends FUSE_NOTIFY_POLL, which makes the kernel re-poll.
+the request loop (fast path, a task for what waits, interrupts, poll wake-ups)
+is :class:`cusetpm.frontends.channel.Channel`'s, shared with the FUSE node; here
+is only CUSE_INIT, the device node and our own probe open.
 """
 
 from __future__ import annotations
@@ -22,86 +16,34 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
-from typing import Protocol
 
 import trio
 
 from ..daemon.node import Opener
 from . import cuse_proto as proto
+from .channel import Channel, DeviceOps, FileOps
+
+__all__ = ["DeviceOps", "FileOps", "serve_cuse"]
 
 log = logging.getLogger(__name__)
 
 CUSE_PATH = "/dev/cuse"
 #: How long to wait for /dev/<name> to appear (devtmpfs is immediate, udev is not).
 NODE_TIMEOUT = 30.0
-#: How long teardown waits for the device to release files the kernel never closed.
-RELEASE_TIMEOUT = 10.0
 #: The file handle answered to our own start-up probe open; never given to the device.
 PROBE_FH = 0
 
 
-class FileOps(Protocol):
-    """One open() of the device.  Errors are raised as ``OSError(errno, ...)``."""
-
-    async def write(self, data: bytes, nonblock: bool) -> int: ...
-
-    async def read(self, size: int, nonblock: bool) -> bytes: ...
-
-    async def poll(self, wake: Callable[[], None] | None) -> int: ...
-
-    async def release(self) -> None: ...
-
-
-class DeviceOps(Protocol):
-    """The device: makes a :class:`FileOps` per open()."""
-
-    def open(self, flags: int, opener: Opener) -> FileOps: ...
-
-
-class _Server:
-    """The state of one /dev/cuse channel: open files and requests in flight."""
+class _Server(Channel):
+    """One /dev/cuse channel: the shared request loop, CUSE_INIT and our probe opens."""
 
     def __init__(self, fd: int, device: DeviceOps, name: str) -> None:
-        self.fd: int | None = fd
+        super().__init__(fd, f"cuse {name}")
         self.device = device
-        self.name = name
-        self.files: dict[int, FileOps] = {}
+        self.devname = name
         self.next_fh = PROBE_FH + 1
-        #: unique -> the cancel scope of the task answering it, for FUSE_INTERRUPT.
-        self.inflight: dict[int, trio.CancelScope] = {}
         #: Thread ids of our own probe opens; their OPEN never reaches the device.
         self.probe_tids: set[int] = set()
-
-    # -- raw I/O -----------------------------------------------------------
-
-    async def read_request(self) -> bytes | None:
-        """One request from /dev/cuse; None once the kernel tore the channel down."""
-        while True:
-            assert self.fd is not None
-            try:
-                buf = os.read(self.fd, proto.READ_BUFFER_SIZE)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.fd)
-                continue
-            except OSError as e:
-                if e.errno in (errno.ENODEV, errno.ECONNABORTED):
-                    return None
-                if e.errno == errno.ENOENT:  # request vanished before we read it
-                    continue
-                raise
-            # /dev/cuse never returns 0 bytes; a socket standing in for it in tests does at EOF.
-            return buf or None
-
-    def send(self, data: bytes) -> None:
-        """Write one reply or notification; each must be exactly one write()."""
-        if self.fd is None:
-            return
-        try:
-            os.write(self.fd, data)
-        except OSError as e:
-            # ENOENT: the request is gone (caller killed, channel aborted).
-            log.debug("cuse %s: reply not delivered: %s", self.name, e)
 
     # -- start-up ----------------------------------------------------------
 
@@ -119,7 +61,7 @@ class _Server:
         self.send(
             proto.reply_cuse_init(
                 req.unique,
-                self.name,
+                self.devname,
                 kernel_minor=req.minor,
                 kernel_flags=req.flags,
                 dev_major=major,
@@ -137,130 +79,24 @@ class _Server:
         finally:
             self.probe_tids.discard(tid)
 
-    # -- the request loop --------------------------------------------------
-
-    async def request_loop(self, nursery: trio.Nursery) -> None:
-        """Read requests and start a task for each, until the channel dies."""
-        while True:
-            buf = await self.read_request()
-            if buf is None:
-                log.info("cuse %s: channel torn down (ENODEV)", self.name)
-                return
-            try:
-                req = proto.parse_request(buf)
-            except proto.ProtocolError as e:
-                self.reject(buf, e)
-            else:
-                self.dispatch(req, nursery)
-            await trio.lowlevel.checkpoint()
-
-    def reject(self, buf: bytes, error: proto.ProtocolError) -> None:
-        """A request we cannot parse (the kernel sends none): answer EIO if its header says
-        whom to answer, so no caller waits for ever, and go on.  Ending the loop would take
-        the device away from every open file."""
-        header = proto.parse_header(buf)
-        log.warning("cuse %s: malformed request (%s)", self.name, error)
-        if header is not None and header.unique and header.opcode not in proto.NO_REPLY_OPCODES:
-            self.send(proto.reply_error(header.unique, errno.EIO))
+    # -- what differs from the shared loop -----------------------------------
 
     def dispatch(self, req: proto.Request, nursery: trio.Nursery) -> None:
-        """Answer at once what needs no device; start a task for the rest."""
-        if isinstance(req, proto.Interrupt):
-            scope = self.inflight.get(req.target)
-            if scope is not None:  # else it was answered already
-                scope.cancel()
-            return
-        if isinstance(req, proto.Open) and req.header.pid in self.probe_tids:
-            self.send(proto.reply_open(req.unique, PROBE_FH))
-            return
         if isinstance(req, proto.Release) and req.fh == PROBE_FH:
             self.send(proto.reply(req.unique))
             return
-        if isinstance(req, (proto.Open, proto.Read, proto.Write, proto.Poll, proto.Release)):
-            # Registered before the task starts, so an interrupt that follows
-            # at once still finds it.  Release is not interruptible: the file
-            # must be released whatever happens to the caller.
-            scope = trio.CancelScope()
-            if not isinstance(req, proto.Release):
-                self.inflight[req.unique] = scope
-            nursery.start_soon(self.answer, req, scope)
-            return
+        super().dispatch(req, nursery)
+
+    def open_file(self, req: proto.Open) -> bytes:
+        h = req.header
+        if h.pid in self.probe_tids:
+            return proto.reply_open(req.unique, PROBE_FH)
+        return proto.reply_open(req.unique, self.add_file(self.device.open(req.flags, Opener(h.uid, h.gid, h.pid))))
+
+    def other(self, req: proto.Request, nursery: trio.Nursery) -> bytes | None:
         if isinstance(req, proto.CuseInit):
-            self.send(proto.reply_error(req.unique, errno.EPROTO))
-            return
-        out = proto.default_reply(req)
-        if out is not None:
-            self.send(out)
-
-    async def answer(self, req: proto.Request, scope: trio.CancelScope) -> None:
-        """Run one request against the device and send its reply."""
-        try:
-            with scope:
-                out = await self.handle(req)
-            if scope.cancelled_caught:
-                out = proto.reply_error(req.unique, errno.EINTR)
-        except OSError as e:
-            err = e.errno if e.errno and 0 < e.errno < 512 else errno.EIO
-            out = proto.reply_error(req.unique, err)
-        except Exception:
-            log.exception("cuse %s: request %r failed", self.name, req)
-            out = proto.reply_error(req.unique, errno.EIO)
-        finally:
-            self.inflight.pop(req.unique, None)
-        self.send(out)
-
-    def file(self, fh: int) -> FileOps:
-        try:
-            return self.files[fh]
-        except KeyError:
-            raise OSError(errno.EBADF, "unknown file handle") from None
-
-    async def handle(self, req: proto.Request) -> bytes:
-        """The device call for one request, and its reply bytes."""
-        if isinstance(req, proto.Open):
-            h = req.header
-            f = self.device.open(req.flags, Opener(h.uid, h.gid, h.pid))
-            fh = self.next_fh
-            self.next_fh += 1
-            self.files[fh] = f
-            return proto.reply_open(req.unique, fh)
-        if isinstance(req, proto.Read):
-            data = await self.file(req.fh).read(req.size, req.nonblock)
-            if len(data) > req.size:
-                raise RuntimeError(f"device read returned {len(data)} > {req.size} bytes")
-            return proto.reply_read(req.unique, data)
-        if isinstance(req, proto.Write):
-            n = await self.file(req.fh).write(req.data, req.nonblock)
-            return proto.reply_write(req.unique, n)
-        if isinstance(req, proto.Poll):
-            wake = self.waker(req.kh) if req.schedule_notify else None
-            mask = await self.file(req.fh).poll(wake)
-            return proto.reply_poll(req.unique, mask)
-        if isinstance(req, proto.Release):
-            released = self.files.pop(req.fh, None)
-            if released is not None:
-                await released.release()
-            return proto.reply(req.unique)
-        raise AssertionError(f"no handler for {req!r}")
-
-    def waker(self, kh: int) -> Callable[[], None]:
-        """The ``wake`` callback for a poll: asks the kernel to poll file ``kh`` again."""
-        message = proto.notify_poll(kh)
-
-        def wake() -> None:
-            self.send(message)
-
-        return wake
-
-    async def release_all(self) -> None:
-        """Release files the kernel never will (it does not once the channel is gone)."""
-        files, self.files = self.files, {}
-        with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-            for f in files.values():
-                try:
-                    await f.release()
-                except Exception:
-                    log.exception("cuse %s: release at teardown failed", self.name)
+            return proto.reply_error(req.unique, errno.EPROTO)
+        return proto.default_reply(req)
 
 
 def _read_devno(name: str) -> int | None:

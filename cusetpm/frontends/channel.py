@@ -1,0 +1,327 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""One FUSE-protocol channel (/dev/cuse or /dev/fuse) on trio: the request loop both nodes share.
+
+The bytes are :mod:`cusetpm.frontends.cuse_proto`'s (and :mod:`.fuse_proto`'s for the file
+system's own requests); here is only I/O and concurrency:
+
+* **the fast path**: what needs no waiting is answered in the loop itself, with no task and
+  no lock round: an open, a poll or a read of a file whose lock is free, an O_NONBLOCK write
+  that only queues its command, and every request that needs no device.  A task costs about
+  12 µs a request on this path (measured: 21 against 9 µs an idle read, client and daemon on
+  one CPU);
+* everything else (a blocking write, which runs the TPM command; a read or poll that waits
+  for a command in flight; release) runs in its own task, so that one file waiting never
+  delays another;
+* FUSE_INTERRUPT (the caller got a signal) cancels the waiting task, and the request is
+  answered EINTR.  Whether cancelling is safe at that point is the device's business: it
+  shields what must not be interrupted;
+* FUSE_POLL with FUSE_POLL_SCHEDULE_NOTIFY hands the device a ``wake`` callback that sends
+  FUSE_NOTIFY_POLL, which makes the kernel re-poll.
+
+Requests are read into one buffer allocated once: ``os.read`` of the 132 KiB a request may
+need would map and unmap that much memory for every request.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from ..daemon.node import Opener
+from . import cuse_proto as proto
+
+log = logging.getLogger(__name__)
+
+#: How many requests the loop answers in a row before it lets other tasks run.
+BURST = 16
+#: How long teardown waits for the device to release files the kernel never closed.
+RELEASE_TIMEOUT = 10.0
+
+
+class FileOps(Protocol):
+    """One open() of the device.  Errors are raised as ``OSError(errno, ...)``."""
+
+    async def write(self, data: bytes, nonblock: bool) -> int: ...
+
+    async def read(self, size: int, nonblock: bool) -> bytes: ...
+
+    async def poll(self, wake: Callable[[], None] | None) -> int: ...
+
+    async def release(self) -> None: ...
+
+
+class FastFileOps(FileOps, Protocol):
+    """A file that can also answer without waiting (:class:`~cusetpm.daemon.node.DeviceFile`):
+    each ``try_`` method returns None, having done nothing, when the call would wait."""
+
+    def try_write(self, data: bytes, nonblock: bool) -> int | None: ...
+
+    def try_read(self, size: int) -> bytes | None: ...
+
+    def try_poll(self, wake: Callable[[], None] | None) -> int | None: ...
+
+
+class DeviceOps(Protocol):
+    """The device: makes a :class:`FileOps` per open()."""
+
+    def open(self, flags: int, opener: Opener) -> FileOps: ...
+
+
+class Channel:
+    """The state of one channel: open files and requests in flight.
+
+    :meth:`other` answers what is not a file operation (the file system's lookups, for
+    FUSE); :meth:`open_file` makes the file an open names.
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd: int | None = fd
+        self.name = name
+        self.files: dict[int, FileOps] = {}
+        self.next_fh = 1
+        #: unique -> the cancel scope of the task answering it, for FUSE_INTERRUPT.
+        self.inflight: dict[int, trio.CancelScope] = {}
+        #: Releases still running: the kernel's close() is done before the next open(), so an
+        #: open waits for those before it (a node's max_open counts them as closed).
+        self._releasing: dict[int, trio.Event] = {}
+        self._buf = bytearray(proto.READ_BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+
+    # -- raw I/O -----------------------------------------------------------
+
+    def read_now(self) -> bytes | None:
+        """One request if one is waiting; raises BlockingIOError if none is."""
+        assert self.fd is not None
+        n = os.readv(self.fd, [self._buf])
+        return bytes(self._view[:n])
+
+    async def read_request(self) -> bytes | None:
+        """One request; None once the kernel tore the channel down."""
+        while True:
+            try:
+                buf = self.read_now()
+            except BlockingIOError:
+                assert self.fd is not None
+                await trio.lowlevel.wait_readable(self.fd)
+                continue
+            except OSError as e:
+                if e.errno in (errno.ENODEV, errno.ECONNABORTED, errno.EBADF):
+                    return None
+                if e.errno == errno.ENOENT:  # request vanished before we read it
+                    continue
+                raise
+            # /dev/cuse never returns 0 bytes; a socket standing in for it in tests does at EOF.
+            return buf or None
+
+    def send(self, data: bytes) -> None:
+        """Write one reply or notification; each must be exactly one write()."""
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, data)
+        except OSError as e:
+            # ENOENT: the request is gone (caller killed, channel aborted).
+            log.debug("%s: reply not delivered: %s", self.name, e)
+
+    # -- the request loop --------------------------------------------------
+
+    async def request_loop(self, nursery: trio.Nursery) -> None:
+        """Read requests and answer them, until the channel dies."""
+        burst = 0
+        while True:
+            if burst >= BURST:
+                burst = 0
+                await trio.lowlevel.checkpoint()
+            try:
+                buf = self.read_now()
+                burst += 1
+            except BlockingIOError:
+                burst = 0
+                buf = await self.read_request()  # waits (a checkpoint)
+            except OSError:
+                buf = await self.read_request()  # it sorts the errors out
+            if not buf:
+                log.info("%s: channel torn down (ENODEV)", self.name)
+                return
+            try:
+                req = proto.parse_request(buf)
+            except proto.ProtocolError as e:
+                self.reject(buf, e)
+            else:
+                self.dispatch(req, nursery)
+
+    def reject(self, buf: bytes, error: proto.ProtocolError) -> None:
+        """A request we cannot parse (the kernel sends none): answer EIO if its header says
+        whom to answer, so no caller waits for ever, and go on.  Ending the loop would take
+        the device away from every open file."""
+        header = proto.parse_header(buf)
+        log.warning("%s: malformed request (%s)", self.name, error)
+        if header is not None and header.unique and header.opcode not in proto.NO_REPLY_OPCODES:
+            self.send(proto.reply_error(header.unique, errno.EIO))
+
+    def dispatch(self, req: proto.Request, nursery: trio.Nursery) -> None:
+        """Answer at once what needs no waiting; start a task for the rest."""
+        if isinstance(req, proto.Interrupt):
+            scope = self.inflight.get(req.target)
+            if scope is not None:  # else it was answered already
+                scope.cancel()
+            return
+        if isinstance(req, (proto.Read, proto.Write, proto.Poll)):
+            try:
+                out = self.fast(req)
+            except OSError as e:
+                out = proto.reply_error(req.unique, _errno_of(e))
+            if out is not None:
+                self.send(out)
+                return
+        if isinstance(req, proto.Open):
+            if self._releasing:
+                nursery.start_soon(self.open_after, req, list(self._releasing.values()))
+            else:
+                self.send(self.open_now(req))
+            return
+        if isinstance(req, proto.Release):
+            done = self._releasing[req.unique] = trio.Event()
+            nursery.start_soon(self.release, req, done)
+            return
+        if isinstance(req, (proto.Read, proto.Write, proto.Poll)):
+            # Registered before the task starts, so an interrupt that follows
+            # at once still finds it.
+            scope = self.inflight[req.unique] = trio.CancelScope()
+            nursery.start_soon(self.answer, req, scope)
+            return
+        out = self.other(req, nursery)
+        if out is not None:
+            self.send(out)
+
+    def fast(self, req: proto.Read | proto.Write | proto.Poll) -> bytes | None:
+        """The reply if the file can answer without waiting, else None."""
+        f = self.files.get(req.fh)
+        if f is None:
+            return None  # the task answers EBADF
+        if isinstance(req, proto.Read):
+            try_read = getattr(f, "try_read", None)
+            data = try_read(req.size) if try_read is not None else None
+            if data is None:
+                return None
+            if len(data) > req.size:
+                raise OSError(errno.EIO, f"device read returned {len(data)} > {req.size} bytes")
+            return proto.reply_read(req.unique, data)
+        if isinstance(req, proto.Write):
+            try_write = getattr(f, "try_write", None)
+            n = try_write(req.data, req.nonblock) if try_write is not None else None
+            return None if n is None else proto.reply_write(req.unique, n)
+        try_poll = getattr(f, "try_poll", None)
+        mask = try_poll(self.waker(req.kh) if req.schedule_notify else None) if try_poll is not None else None
+        return None if mask is None else proto.reply_poll(req.unique, mask)
+
+    def open_now(self, req: proto.Open) -> bytes:
+        try:
+            return self.open_file(req)
+        except OSError as e:
+            return proto.reply_error(req.unique, _errno_of(e))
+        except Exception:
+            log.exception("%s: open failed", self.name)
+            return proto.reply_error(req.unique, errno.EIO)
+
+    async def open_after(self, req: proto.Open, releases: list[trio.Event]) -> None:
+        """An open that came after closes still being released: once they are."""
+        for done in releases:
+            await done.wait()
+        self.send(self.open_now(req))
+
+    async def release(self, req: proto.Release, done: trio.Event) -> None:
+        """Release is not interruptible: the file must be released whatever happens to the
+        caller (the kernel sends no interrupt for it anyway)."""
+        try:
+            await self.answer(req, trio.CancelScope())
+        finally:
+            del self._releasing[req.unique]
+            done.set()
+
+    def open_file(self, req: proto.Open) -> bytes:
+        """The reply to an open (the subclass makes the file)."""
+        raise NotImplementedError
+
+    def add_file(self, f: FileOps) -> int:
+        """A new open file; its handle."""
+        fh = self.next_fh
+        self.next_fh += 1
+        self.files[fh] = f
+        return fh
+
+    def other(self, req: proto.Request, nursery: trio.Nursery) -> bytes | None:
+        """The reply to a request that is no file operation (None: send nothing)."""
+        return proto.default_reply(req)
+
+    async def answer(self, req: proto.Request, scope: trio.CancelScope) -> None:
+        """Run one request against the device and send its reply."""
+        try:
+            with scope:
+                out = await self.handle(req)
+            if scope.cancelled_caught:
+                out = proto.reply_error(req.unique, errno.EINTR)
+        except OSError as e:
+            out = proto.reply_error(req.unique, _errno_of(e))
+        except Exception:
+            log.exception("%s: request %r failed", self.name, req)
+            out = proto.reply_error(req.unique, errno.EIO)
+        finally:
+            self.inflight.pop(req.unique, None)
+        self.send(out)
+
+    def file(self, fh: int) -> FileOps:
+        try:
+            return self.files[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, "unknown file handle") from None
+
+    async def handle(self, req: proto.Request) -> bytes:
+        """The device call for one request that may wait, and its reply bytes."""
+        if isinstance(req, proto.Read):
+            data = await self.file(req.fh).read(req.size, req.nonblock)
+            if len(data) > req.size:
+                raise RuntimeError(f"device read returned {len(data)} > {req.size} bytes")
+            return proto.reply_read(req.unique, data)
+        if isinstance(req, proto.Write):
+            n = await self.file(req.fh).write(req.data, req.nonblock)
+            return proto.reply_write(req.unique, n)
+        if isinstance(req, proto.Poll):
+            wake = self.waker(req.kh) if req.schedule_notify else None
+            mask = await self.file(req.fh).poll(wake)
+            return proto.reply_poll(req.unique, mask)
+        if isinstance(req, proto.Release):
+            released = self.files.pop(req.fh, None)
+            if released is not None:
+                await released.release()
+            return proto.reply(req.unique)
+        raise AssertionError(f"no handler for {req!r}")
+
+    def waker(self, kh: int) -> Callable[[], None]:
+        """The ``wake`` callback for a poll: asks the kernel to poll file ``kh`` again."""
+        message = proto.notify_poll(kh)
+
+        def wake() -> None:
+            self.send(message)
+
+        return wake
+
+    async def release_all(self, timeout: float = RELEASE_TIMEOUT) -> None:
+        """Release files the kernel never will (it does not once the channel is gone)."""
+        files, self.files = self.files, {}
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+            for f in files.values():
+                try:
+                    await f.release()
+                except Exception:
+                    log.exception("%s: release at teardown failed", self.name)
+
+
+def _errno_of(e: OSError) -> int:
+    """The errno a reply can carry (1..511), EIO for anything else."""
+    return e.errno if e.errno and 0 < e.errno < 512 else errno.EIO

@@ -1,0 +1,272 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The shared request loop (cusetpm.frontends.channel): its fast path and its slow one.
+
+A fake kernel on an AF_UNIX SOCK_SEQPACKET pair (message boundaries, as /dev/fuse and
+/dev/cuse keep them) sends requests; the files below say which path answered.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from cusetpm.frontends import cuse_proto as p
+from cusetpm.frontends.channel import Channel, FileOps
+
+
+class FastFile:
+    """A file that answers everything at once; its async methods must never be called."""
+
+    def __init__(self, pending: bytes = b"") -> None:
+        self.pending = pending
+        self.wakes: list[Callable[[], None]] = []
+
+    def try_write(self, data: bytes, nonblock: bool) -> int | None:
+        if not nonblock:
+            return None
+        if len(data) > 4096:
+            raise OSError(errno.E2BIG, "too big")
+        self.pending = data
+        return len(data)
+
+    def try_read(self, size: int) -> bytes | None:
+        out, self.pending = self.pending[:size], b""
+        return out
+
+    def try_poll(self, wake: Callable[[], None] | None) -> int | None:
+        if wake is not None:
+            self.wakes.append(wake)
+        return 1 if self.pending else 4
+
+    async def write(self, data: bytes, nonblock: bool) -> int:
+        self.pending = data[::-1]  # the slow path (a blocking write) answers differently
+        await trio.sleep(0)
+        return len(data)
+
+    async def read(self, size: int, nonblock: bool) -> bytes:
+        raise AssertionError("the fast path should have answered")
+
+    async def poll(self, wake: Callable[[], None] | None) -> int:
+        raise AssertionError("the fast path should have answered")
+
+    async def release(self) -> None:
+        return None
+
+
+class BusyFile(FastFile):
+    """A file whose lock is taken: every try_ says wait, and the slow read waits for an event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = trio.Event()
+
+    def try_read(self, size: int) -> bytes | None:
+        return None
+
+    def try_poll(self, wake: Callable[[], None] | None) -> int | None:
+        return None
+
+    async def read(self, size: int, nonblock: bool) -> bytes:
+        with trio.CancelScope(shield=False):
+            await self.go.wait()
+        return b"late"
+
+    async def poll(self, wake: Callable[[], None] | None) -> int:
+        await self.go.wait()
+        return 1
+
+
+class Server(Channel):
+    def __init__(self, fd: int, make: Callable[[], FileOps]) -> None:
+        super().__init__(fd, "test")
+        self.make = make
+
+    def open_file(self, req: p.Open) -> bytes:
+        return p.reply_open(req.unique, self.add_file(self.make()))
+
+
+Body = Callable[[trio.socket.SocketType, Server], Awaitable[None]]
+
+
+async def call(sock: trio.socket.SocketType, opcode: int, body: bytes, unique: int) -> tuple[int, bytes]:
+    await sock.send(p.build_request(opcode, unique, body))
+    with trio.fail_after(5):
+        data = await sock.recv(1 << 20)
+    length, error, got = p.OUT_HEADER.unpack_from(data)
+    assert got == unique and length == len(data)
+    return error, data[p.OUT_HEADER.size :]
+
+
+def run(make: Callable[[], FileOps], body: Body) -> None:
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        with ours, theirs:
+            server = Server(ours.fileno(), make)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.request_loop, nursery)
+                await body(trio.socket.from_stdlib_socket(theirs), server)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def read_in(fh: int, size: int = 4096, flags: int = os.O_RDWR) -> bytes:
+    return p.READ_IN.pack(fh, 0, size, 0, 0, flags, 0)
+
+
+def write_in(fh: int, data: bytes, flags: int = os.O_RDWR) -> bytes:
+    return p.WRITE_IN.pack(fh, 0, len(data), 0, 0, flags, 0) + data
+
+
+async def open_file(sock: trio.socket.SocketType) -> int:
+    error, out = await call(sock, p.Opcode.OPEN, struct.pack("=II", os.O_RDWR, 0), 2)
+    assert error == 0
+    return p.OPEN_OUT.unpack(out)[0]
+
+
+def test_what_needs_no_waiting_is_answered_in_the_loop() -> None:
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        error, out = await call(sock, p.Opcode.WRITE, write_in(fh, b"abc", os.O_RDWR | os.O_NONBLOCK), 4)
+        assert (error, p.WRITE_OUT.unpack(out)[0]) == (0, 3)
+        error, out = await call(sock, p.Opcode.POLL, p.POLL_IN.pack(fh, 77, p.FUSE_POLL_SCHEDULE_NOTIFY, 1), 6)
+        assert (error, p.POLL_OUT.unpack(out)[0]) == (0, 1)
+        assert await call(sock, p.Opcode.READ, read_in(fh), 8) == (0, b"abc")
+        assert await call(sock, p.Opcode.READ, read_in(fh), 10) == (0, b"")
+        assert server.inflight == {}
+        # The poll asked for a wake-up: the callback sends FUSE_NOTIFY_POLL for kh 77.
+        (wake,) = server.files[fh].wakes  # type: ignore[attr-defined]
+        wake()
+        with trio.fail_after(5):
+            assert await sock.recv(1 << 16) == p.notify_poll(77)
+
+    run(FastFile, body)
+
+
+def test_a_blocking_write_takes_the_slow_path() -> None:
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        error, out = await call(sock, p.Opcode.WRITE, write_in(fh, b"abc"), 4)
+        assert (error, p.WRITE_OUT.unpack(out)[0]) == (0, 3)
+        assert await call(sock, p.Opcode.READ, read_in(fh), 6) == (0, b"cba")
+
+    run(FastFile, body)
+
+
+def test_a_fast_path_error_is_the_reply_errno() -> None:
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        error, _ = await call(sock, p.Opcode.WRITE, write_in(fh, bytes(5000), os.O_NONBLOCK), 4)
+        assert error == -errno.E2BIG
+        error, _ = await call(sock, p.Opcode.READ, read_in(fh + 1), 6)
+        assert error == -errno.EBADF  # no such file: the slow path says so
+
+    run(FastFile, body)
+
+
+def test_a_read_that_must_wait_runs_in_a_task_and_can_be_interrupted() -> None:
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        await sock.send(p.build_request(p.Opcode.READ, 4, read_in(fh)))
+        # A second file's requests are answered while the first waits.
+        fh2 = await open_file(sock)
+        assert fh2 != fh
+        with trio.fail_after(5):
+            while 4 not in server.inflight:
+                await trio.sleep(0.01)
+        await sock.send(p.build_request(p.Opcode.INTERRUPT, 5, p.INTERRUPT_IN.pack(4)))
+        with trio.fail_after(5):
+            data = await sock.recv(1 << 16)
+        assert p.OUT_HEADER.unpack_from(data) == (p.OUT_HEADER.size, -errno.EINTR, 4)
+        assert server.inflight == {}
+
+    run(BusyFile, body)
+
+
+def test_a_poll_that_must_wait_is_answered_when_the_file_is_free() -> None:
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        await sock.send(p.build_request(p.Opcode.POLL, 4, p.POLL_IN.pack(fh, 1, 0, 1)))
+        with trio.move_on_after(0.1):
+            await sock.recv(1 << 16)
+            raise AssertionError("answered before the file was free")
+        server.files[fh].go.set()  # type: ignore[attr-defined]
+        with trio.fail_after(5):
+            data = await sock.recv(1 << 16)
+        assert p.POLL_OUT.unpack_from(data, p.OUT_HEADER.size)[0] == 1
+
+    run(BusyFile, body)
+
+
+def test_files_without_a_fast_path_still_work() -> None:
+    """A FileOps with only the async methods (the test devices) goes the slow way."""
+
+    class Plain:
+        async def write(self, data: bytes, nonblock: bool) -> int:
+            return len(data)
+
+        async def read(self, size: int, nonblock: bool) -> bytes:
+            return b"x"
+
+        async def poll(self, wake: Callable[[], None] | None) -> int:
+            return 4
+
+        async def release(self) -> None:
+            return None
+
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        assert await call(sock, p.Opcode.READ, read_in(fh), 4) == (0, b"x")
+        error, out = await call(sock, p.Opcode.POLL, p.POLL_IN.pack(fh, 1, 0, 1), 6)
+        assert p.POLL_OUT.unpack(out)[0] == 4
+
+    run(Plain, body)
+
+
+def test_release_forgets_the_file() -> None:
+    """Channel.add_file numbers files from 1 and keeps them until release."""
+
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        assert fh == 1 and set(server.files) == {1}
+        error, _ = await call(sock, p.Opcode.RELEASE, p.RELEASE_IN.pack(fh, 0, 0, 0), 4)
+        assert error == 0 and server.files == {}
+
+    run(FastFile, body)
+
+
+def test_an_open_after_a_close_waits_for_its_release() -> None:
+    """The kernel's close() has released the file before the next open() starts (a node's
+    max_open counts on it); FUSE sends RELEASE asynchronously, so the loop keeps that order."""
+    gate = trio.Event()
+    log: list[str] = []
+
+    class SlowRelease(FastFile):
+        async def release(self) -> None:
+            await gate.wait()
+            log.append("released")
+
+    def make() -> FileOps:
+        log.append("opened")
+        return SlowRelease()
+
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        await sock.send(p.build_request(p.Opcode.RELEASE, 4, p.RELEASE_IN.pack(fh, 0, 0, 0)))
+        await sock.send(p.build_request(p.Opcode.OPEN, 6, struct.pack("=II", os.O_RDWR, 0)))
+        with trio.move_on_after(0.1):
+            await sock.recv(1 << 16)
+            raise AssertionError("answered while the release was running")
+        gate.set()
+        with trio.fail_after(5):
+            first, second = await sock.recv(1 << 16), await sock.recv(1 << 16)
+        assert [p.OUT_HEADER.unpack_from(m)[2] for m in (first, second)] == [4, 6]
+        assert log == ["opened", "released", "opened"]
+
+    run(make, body)
