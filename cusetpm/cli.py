@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cuse", metavar="NAME", help="serve /dev/NAME as a CUSE character device")
     serve.add_argument("--fuse", metavar="DIR", help="serve DIR/NAME as a FUSE file")
     serve.add_argument("--name", help="name of the FUSE file (default: tpmrm0)")
+    serve.add_argument(
+        "--fuse-lib", choices=("channel", "pyfuse3"),
+        help="what serves the FUSE directory: channel (default, the node's own request loop, "
+        "as the CUSE device's) or pyfuse3",
+    )  # fmt: skip
     serve.add_argument("--major", type=int, default=0, help="CUSE device major (default: the kernel picks)")
     serve.add_argument("--minor", type=int, default=0, help="CUSE device minor")
     serve.add_argument("--mode", default="0660", help="file mode of the node (octal, default 0660)")
@@ -189,9 +194,9 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
 
 
 def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """--control and --metrics given with --config win over the file's (a test harness, a
-    unit file's drop-in); a reload keeps them."""
-    return {key: value for key in ("control", "metrics") if (value := getattr(args, key))}
+    """--control, --metrics and --fuse-lib given with --config win over the file's (a test
+    harness, a unit file's drop-in); a reload keeps them."""
+    return {key: value for key in ("control", "metrics", "fuse_lib") if (value := getattr(args, key, None))}
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -226,6 +231,7 @@ async def serve(args: argparse.Namespace) -> int:
                         features = ", swap lazy" if config.swap == "lazy" else ""
                         features += ", sessions global" if nc.sessions == "global" else ""
                         features += ", tenant" if config.path is not None else ""
+                        features += ", pyfuse3" if kind == "fuse" and config.fuse_lib == "pyfuse3" else ""
                         print(f"cusetpm: serving {path} ({kind.upper()}, kernel {nc.kernel}{features})", flush=True)
                         print(f"  export TPM2TOOLS_TCTI=device:{path}", flush=True)
                     if control is not None:

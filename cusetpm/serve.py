@@ -28,6 +28,7 @@ from .tenants.config import ConfigError, DaemonConfig, NodeConfig, load
 if TYPE_CHECKING:
     from .daemon.metrics import Metrics
     from .frontends.fuse import TpmFuse
+    from .frontends.fuse_pyfuse3 import TpmFuse as PyTpmFuse
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Tenants:
         self.metrics: Metrics | None = None
         #: The CUSE device of each node (cancelled: the device goes).
         self._scopes: dict[Node, trio.CancelScope] = {}
-        self._fuse: TpmFuse | None = None
+        self._fuse: TpmFuse | PyTpmFuse | None = None
         self._sessions: Seam | None = None
         self._swap: Seam | None = None
         self._nursery: trio.Nursery | None = None
@@ -119,13 +120,20 @@ class Tenants:
         """Make every node and serve it; returns once each can be opened."""
         self._nursery = nursery
         if self.kind == "fuse":
-            from .frontends.fuse import TpmFuse, serve_fuse
+            if self.config.fuse_lib == "pyfuse3":
+                from .frontends import fuse_pyfuse3
 
-            self._fuse = TpmFuse()
+                self._fuse = fuse_pyfuse3.TpmFuse()
+                serve: Any = fuse_pyfuse3.serve_fuse
+            else:
+                from .frontends import fuse
+
+                self._fuse = fuse.TpmFuse()
+                serve = fuse.serve_fuse
         for nc in self.config.nodes:
             await self._add(nc)
         if self._fuse is not None:
-            await nursery.start(functools.partial(serve_fuse, self._fuse, self.fuse_dir))
+            await nursery.start(functools.partial(serve, self._fuse, self.fuse_dir))
 
     async def _add(self, nc: NodeConfig) -> None:
         """One node, in front of user space: a file of the FUSE directory (live once the
@@ -168,7 +176,7 @@ class Tenants:
 
     def check(self, new: DaemonConfig) -> None:
         """What a reload cannot change without a restart; ConfigError says which."""
-        for attr in ("tcti", "state_dir", "front", "fuse_dir", "metrics", "control", "sessions", "swap"):
+        for attr in ("tcti", "state_dir", "front", "fuse_dir", "fuse_lib", "metrics", "control", "sessions", "swap"):
             if getattr(new, attr) != getattr(self.config, attr):
                 raise ConfigError(f"{new.path}: {attr} cannot change on reload (restart the daemon)")
         current = {nc.name: nc for nc in self.config.nodes}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cusetpm.cli import build_parser
+from cusetpm.cli import build_parser, command_line_overrides
 from cusetpm.tenants import policy as P
 from cusetpm.tenants.config import ConfigError, from_args, load, parse
 
@@ -109,7 +109,18 @@ def test_the_command_line_is_the_one_tenant_case_with_no_policy() -> None:
     c = from_args(args, "fuse", "/tmp/x")
     (node,) = c.nodes
     assert (node.name, node.kernel, node.mode, node.policy) == ("tpmrm0", "6.1", 0o640, P.OPEN)
-    assert c.path is None and c.fuse_dir == "/tmp/x"
+    assert c.path is None and c.fuse_dir == "/tmp/x" and c.fuse_lib == "channel"
+
+
+def test_fuse_lib_picks_what_serves_the_fuse_directory() -> None:
+    head = '[front]\nnode = "fuse"\nfuse_lib = "pyfuse3"\n\n[[node]]\nname = "a"\n'
+    assert parse(head).fuse_lib == "pyfuse3"
+    assert parse(head.replace('fuse_lib = "pyfuse3"\n', "")).fuse_lib == "channel"
+    with pytest.raises(ConfigError, match="fuse_lib must be"):
+        parse(head.replace("pyfuse3", "libfuse"))
+    args = build_parser().parse_args(["serve", "--fuse", "/tmp/x", "--fuse-lib", "pyfuse3"])
+    assert from_args(args, "fuse", "/tmp/x").fuse_lib == "pyfuse3"
+    assert command_line_overrides(args) == {"fuse_lib": "pyfuse3"}
 
 
 def test_swap_lazy_is_a_setting_of_the_tpm_and_not_with_global_sessions() -> None:

@@ -27,7 +27,7 @@ from cusetpm.conformance import KERNELS, NODE_KINDS
 from cusetpm.conformance.cli import add_conformance_parser, run_conformance
 from cusetpm.conformance.cli import main as conformance_main
 from cusetpm.conformance.normalize import Transcript, _FileTrack, poll_names
-from cusetpm.conformance.report import EXPECTED_DIFFERENCES, Comparison, compare, diff_transcripts
+from cusetpm.conformance.report import EXPECTED_DIFFERENCES, Comparison, compare, diff_transcripts, node_label
 from cusetpm.conformance.runner import run_scenario
 from cusetpm.conformance.scenario import (
     ParseError,
@@ -47,8 +47,9 @@ CORPUS = default_corpus()
 
 
 #: Opt-in features whose node must still answer as the kernel does, on the FUSE file.
-FEATURES = {"swap-lazy": ("--swap", "lazy")}
-PARAMS = [(k, n, "") for n in NODE_KINDS for k in KERNELS] + [(k, "fuse", f) for f in FEATURES for k in KERNELS]
+FEATURES = {"swap-lazy": ("--swap", "lazy"), "pyfuse3": ("--fuse-lib", "pyfuse3")}
+PARAMS = [(k, n, "") for n in NODE_KINDS for k in KERNELS] + [(k, "fuse", "swap-lazy") for k in KERNELS]
+PARAMS += [("6.1", "fuse", "pyfuse3")]  # the FUSE library kept as an option, on the kernel with more differences
 
 
 @pytest.fixture(scope="module", params=PARAMS, ids=lambda p: "-".join(x for x in (p[1], p[2], p[0]) if x))
@@ -349,11 +350,24 @@ def test_expected_differences_apply_to_their_nodes_only() -> None:
     assert not diff_transcripts("6.1", "fuse", "write-einval-sizes", k, o2).identical
 
 
+def test_pyfuse3_differences_apply_only_to_the_pyfuse3_node() -> None:
+    """O_NONBLOCK set by fcntl is lost by pyfuse3 only; FUSE's own differences apply to both."""
+    assert node_label("fuse", ["--fuse-lib=pyfuse3"]) == node_label("fuse", ["--fuse-lib", "pyfuse3"]) == "pyfuse3"
+    assert node_label("fuse", ["--swap", "lazy"]) == "fuse" and node_label("cuse", ["--fuse-lib=pyfuse3"]) == "cuse"
+    ops = ("open a", "setfl a nonblock", "cmd a 173 80ffffff")
+    k, o = _tr("ok", "ok", "14", ops=ops), _tr("ok", "ok", "EINVAL", ops=ops)
+    assert diff_transcripts("6.12", "pyfuse3", "setfl-nonblock-switch", k, o).identical
+    assert not diff_transcripts("6.12", "fuse", "setfl-nonblock-switch", k, o).identical
+    ops = ("open a", "write a")
+    k, o = _tr("ok", "EINVAL", ops=ops), _tr("ok", "0", ops=ops)
+    assert diff_transcripts("6.12", "pyfuse3", "write-einval-sizes", k, o).identical
+
+
 def test_expected_differences_name_real_corpus_steps() -> None:
     """Each listed difference points at an existing step of the corpus, for a real node."""
     by_name = {s.name: s for s in load_scenarios([CORPUS])}
     for e in EXPECTED_DIFFERENCES:
-        assert e.nodes and set(e.nodes) <= set(NODE_KINDS), e
+        assert e.nodes and set(e.nodes) <= {*NODE_KINDS, "pyfuse3"}, e
         assert e.scenario in by_name, e
         assert e.op in [s.text for s in by_name[e.scenario].steps], e
 

@@ -55,6 +55,8 @@ class DaemonConfig:
     #: ``auto``, ``cuse`` or ``fuse``.
     front: str = "auto"
     fuse_dir: str | None = None
+    #: What serves the FUSE directory: ``channel`` (the node's own loop) or ``pyfuse3``.
+    fuse_lib: str = "channel"
     metrics: str | None = None
     control: str | None = None
     sessions: Settings = field(default_factory=Settings)
@@ -85,7 +87,7 @@ _SESSION_KEYS = {
     "quota_file": ("max_sessions_per_space", int),
     "quota_detached": ("max_detached_per_space", int),
 }
-_TOP = {"tpm": {"tcti", "state_dir", "swap"}, "front": {"node", "fuse_dir"}, "metrics": {"listen"},
+_TOP = {"tpm": {"tcti", "state_dir", "swap"}, "front": {"node", "fuse_dir", "fuse_lib"}, "metrics": {"listen"},
         "control": {"path"}, "sessions": set(_SESSION_KEYS), "node": set()}  # fmt: skip
 
 
@@ -211,6 +213,9 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
     kind = _typed(front, "node", str, f"{src}: [front]", "auto")
     if kind not in ("auto", "cuse", "fuse"):
         raise ConfigError(f'{src}: [front]: node must be "auto", "cuse" or "fuse", not {kind!r}')
+    fuse_lib = _typed(front, "fuse_lib", str, f"{src}: [front]", "channel")
+    if fuse_lib not in FUSE_LIBS:
+        raise ConfigError(f'{src}: [front]: fuse_lib must be "channel" or "pyfuse3", not {fuse_lib!r}')
     state_dir = _typed(tpm, "state_dir", str, f"{src}: [tpm]")
     swap = _typed(tpm, "swap", str, f"{src}: [tpm]", "kernel")
     if swap not in ("kernel", "lazy"):
@@ -223,6 +228,7 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
         state_dir=Path(state_dir) if state_dir else None,
         front=kind,
         fuse_dir=_typed(front, "fuse_dir", str, f"{src}: [front]") or None,
+        fuse_lib=fuse_lib,
         metrics=_typed(doc.get("metrics", {}), "listen", str, f"{src}: [metrics]") or None,
         control=_typed(doc.get("control", {}), "path", str, f"{src}: [control]") or None,
         sessions=_session_settings(doc.get("sessions", {}), f"{src}: [sessions]"),
@@ -251,6 +257,10 @@ def _session_settings(table: dict[str, Any], where: str) -> Settings:
         return Settings(**kwargs)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+#: The FUSE directory's servers (see cusetpm.frontends.fuse).
+FUSE_LIBS = ("channel", "pyfuse3")
 
 
 def load(path: str | Path) -> DaemonConfig:
@@ -289,6 +299,7 @@ def from_args(args: argparse.Namespace, kind: str, where: str) -> DaemonConfig:
         state_dir=args.state_dir,
         front=kind,
         fuse_dir=where if kind == "fuse" else None,
+        fuse_lib=getattr(args, "fuse_lib", None) or "channel",
         metrics=args.metrics,
         control=args.control,
         sessions=settings,
