@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="what serves the FUSE directory: channel (default, the node's own request loop, "
         "as the CUSE device's) or pyfuse3",
     )  # fmt: skip
+    serve.add_argument(
+        "--spin-us", type=float, metavar="US",
+        help="how long the request loop keeps polling for the next request before it sleeps "
+        "(default 100; 0: sleep at once); see README, 'The request path'",
+    )  # fmt: skip
     serve.add_argument("--major", type=int, default=0, help="CUSE device major (default: the kernel picks)")
     serve.add_argument("--minor", type=int, default=0, help="CUSE device minor")
     serve.add_argument("--mode", default="0660", help="file mode of the node (octal, default 0660)")
@@ -196,7 +201,11 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
 def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """--control, --metrics and --fuse-lib given with --config win over the file's (a test
     harness, a unit file's drop-in); a reload keeps them."""
-    return {key: value for key in ("control", "metrics", "fuse_lib") if (value := getattr(args, key, None))}
+    return {
+        key: value
+        for key in ("control", "metrics", "fuse_lib", "spin_us")
+        if (value := getattr(args, key, None)) is not None
+    }
 
 
 async def serve(args: argparse.Namespace) -> int:

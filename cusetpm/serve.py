@@ -129,7 +129,7 @@ class Tenants:
                 from .frontends import fuse
 
                 self._fuse = fuse.TpmFuse()
-                serve = fuse.serve_fuse
+                serve = functools.partial(fuse.serve_fuse, spin=self.config.spin_us / 1e6)
         for nc in self.config.nodes:
             await self._add(nc)
         if self._fuse is not None:
@@ -150,7 +150,8 @@ class Tenants:
             async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 with scope:
                     await serve_cuse(node, nc.name, major=self.major, minor=self.minor, mode=nc.mode,
-                                     owner=nc.owner, group=nc.group, task_status=task_status)  # fmt: skip
+                                     owner=nc.owner, group=nc.group, spin=self.config.spin_us / 1e6,
+                                     task_status=task_status)  # fmt: skip
 
             await self._nursery.start(run)
             self._scopes[node] = scope
@@ -176,7 +177,18 @@ class Tenants:
 
     def check(self, new: DaemonConfig) -> None:
         """What a reload cannot change without a restart; ConfigError says which."""
-        for attr in ("tcti", "state_dir", "front", "fuse_dir", "fuse_lib", "metrics", "control", "sessions", "swap"):
+        for attr in (
+            "tcti",
+            "state_dir",
+            "front",
+            "fuse_dir",
+            "fuse_lib",
+            "spin_us",
+            "metrics",
+            "control",
+            "sessions",
+            "swap",
+        ):
             if getattr(new, attr) != getattr(self.config, attr):
                 raise ConfigError(f"{new.path}: {attr} cannot change on reload (restart the daemon)")
         current = {nc.name: nc for nc in self.config.nodes}

@@ -270,3 +270,39 @@ def test_an_open_after_a_close_waits_for_its_release() -> None:
         assert log == ["opened", "released", "opened"]
 
     run(make, body)
+
+
+def test_the_loop_spins_for_the_next_request_then_sleeps() -> None:
+    """spin_read: a request that comes within the spin is read without sleeping in epoll; none
+    in time is None (the loop then waits as before)."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        with ours, theirs:
+            server = Server(ours.fileno(), FastFile)
+            server.spin = 0.5
+            request = p.build_request(p.Opcode.FLUSH, 2, p.FLUSH_IN.pack(1, 0, 0, 0))
+
+            async def later() -> None:
+                await trio.sleep(0.05)
+                theirs.send(request)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(later)
+                t0 = trio.current_time()
+                assert await server.spin_read() == request
+                assert trio.current_time() - t0 < 0.4
+            server.spin = 0.02
+            t0 = trio.current_time()
+            assert await server.spin_read() is None
+            assert trio.current_time() - t0 >= 0.02
+
+    trio.run(main)
+
+
+def test_the_default_spin_is_the_configs() -> None:
+    from cusetpm.frontends.channel import DEFAULT_SPIN
+    from cusetpm.tenants.config import DEFAULT_SPIN_US
+
+    assert DEFAULT_SPIN == DEFAULT_SPIN_US / 1e6

@@ -123,6 +123,20 @@ def test_fuse_lib_picks_what_serves_the_fuse_directory() -> None:
     assert command_line_overrides(args) == {"fuse_lib": "pyfuse3"}
 
 
+def test_spin_us_is_checked_and_the_command_line_wins() -> None:
+    head = '[front]\nspin_us = 250\n\n[[node]]\nname = "a"\n'
+    assert parse(head).spin_us == 250
+    assert parse(head.replace("spin_us = 250\n", "")).spin_us == 100.0
+    for bad, why in (("-1", "spin_us must be"), ("20000", "spin_us must be"), ('"fast"', "must be")):
+        with pytest.raises(ConfigError, match=why):
+            parse(head.replace("250", bad))
+    args = build_parser().parse_args(["serve", "--fuse", "/tmp/x", "--spin-us", "0"])
+    assert from_args(args, "fuse", "/tmp/x").spin_us == 0
+    assert command_line_overrides(args) == {"spin_us": 0.0}
+    with pytest.raises(ConfigError, match="--spin-us"):
+        from_args(build_parser().parse_args(["serve", "--spin-us", "-5"]), "fuse", "/tmp/x")
+
+
 def test_swap_lazy_is_a_setting_of_the_tpm_and_not_with_global_sessions() -> None:
     head = '[tpm]\nswap = "lazy"\n\n[[node]]\nname = "a"\n'
     assert parse(head).swap == "lazy"

@@ -21,7 +21,7 @@ import trio
 
 from ..daemon.node import Opener
 from . import cuse_proto as proto
-from .channel import Channel, DeviceOps, FileOps
+from .channel import DEFAULT_SPIN, Channel, DeviceOps, FileOps
 
 __all__ = ["DeviceOps", "FileOps", "serve_cuse"]
 
@@ -37,8 +37,8 @@ PROBE_FH = 0
 class _Server(Channel):
     """One /dev/cuse channel: the shared request loop, CUSE_INIT and our probe opens."""
 
-    def __init__(self, fd: int, device: DeviceOps, name: str) -> None:
-        super().__init__(fd, f"cuse {name}")
+    def __init__(self, fd: int, device: DeviceOps, name: str, spin: float = DEFAULT_SPIN) -> None:
+        super().__init__(fd, f"cuse {name}", spin)
         self.device = device
         self.devname = name
         self.next_fh = PROBE_FH + 1
@@ -135,6 +135,7 @@ async def serve_cuse(
     mode: int | None = None,
     owner: int | None = None,
     group: int | None = None,
+    spin: float = DEFAULT_SPIN,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``device`` as ``/dev/<name>`` until the channel dies or we are cancelled.
@@ -148,7 +149,7 @@ async def serve_cuse(
     proto.check_devname(name)
     path = os.path.join("/dev", name)
     fd = os.open(CUSE_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    server = _Server(fd, device, name)
+    server = _Server(fd, device, name, spin)
     try:
         async with trio.open_nursery() as nursery:
             await server.handshake(major, minor)

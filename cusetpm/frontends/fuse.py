@@ -33,7 +33,7 @@ import trio
 from ..daemon.node import Node, Opener
 from . import cuse_proto as proto
 from . import fuse_proto as fsp
-from .channel import Channel
+from .channel import DEFAULT_SPIN, Channel
 
 __all__ = ["TpmFuse", "serve_fuse", "unmount_dead"]
 
@@ -238,6 +238,7 @@ async def serve_fuse(
     mode: int = 0o660,
     owner: int | None = None,
     group: int | None = None,
+    spin: float = DEFAULT_SPIN,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``mountpoint`` and serve until cancelled; then unmount.
@@ -246,6 +247,7 @@ async def serve_fuse(
     (:class:`TpmFuse`).  ``task_status.started()`` is called once the files can be opened.
     """
     fs = node if isinstance(node, TpmFuse) else TpmFuse(node, name, mode, owner, group)
+    fs.spin = spin
     options = "nosuid,nodev,fsname=cusetpm,subtype=cusetpm,default_permissions"
     if os.getuid() == 0:
         options += ",allow_other"

@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """The config does not parse; the message is one line that says where and why."""
 
 
+#: The request loop's default spin (cusetpm.frontends.channel.DEFAULT_SPIN) and its bound.
+DEFAULT_SPIN_US = 100.0
+MAX_SPIN_US = 10_000.0
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """One tenant node: where it appears, the kernel it reproduces, and what it may do."""
@@ -57,6 +62,8 @@ class DaemonConfig:
     fuse_dir: str | None = None
     #: What serves the FUSE directory: ``channel`` (the node's own loop) or ``pyfuse3``.
     fuse_lib: str = "channel"
+    #: µs the request loop keeps polling for the next request before it sleeps (0: never).
+    spin_us: float = DEFAULT_SPIN_US
     metrics: str | None = None
     control: str | None = None
     sessions: Settings = field(default_factory=Settings)
@@ -87,8 +94,8 @@ _SESSION_KEYS = {
     "quota_file": ("max_sessions_per_space", int),
     "quota_detached": ("max_detached_per_space", int),
 }
-_TOP = {"tpm": {"tcti", "state_dir", "swap"}, "front": {"node", "fuse_dir", "fuse_lib"}, "metrics": {"listen"},
-        "control": {"path"}, "sessions": set(_SESSION_KEYS), "node": set()}  # fmt: skip
+_TOP = {"tpm": {"tcti", "state_dir", "swap"}, "front": {"node", "fuse_dir", "fuse_lib", "spin_us"},
+        "metrics": {"listen"}, "control": {"path"}, "sessions": set(_SESSION_KEYS), "node": set()}  # fmt: skip
 
 
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -216,6 +223,9 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
     fuse_lib = _typed(front, "fuse_lib", str, f"{src}: [front]", "channel")
     if fuse_lib not in FUSE_LIBS:
         raise ConfigError(f'{src}: [front]: fuse_lib must be "channel" or "pyfuse3", not {fuse_lib!r}')
+    spin_us = _typed(front, "spin_us", (int, float), f"{src}: [front]", DEFAULT_SPIN_US)
+    if not 0 <= spin_us <= MAX_SPIN_US:
+        raise ConfigError(f"{src}: [front]: spin_us must be 0..{MAX_SPIN_US}, not {spin_us}")
     state_dir = _typed(tpm, "state_dir", str, f"{src}: [tpm]")
     swap = _typed(tpm, "swap", str, f"{src}: [tpm]", "kernel")
     if swap not in ("kernel", "lazy"):
@@ -229,6 +239,7 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
         front=kind,
         fuse_dir=_typed(front, "fuse_dir", str, f"{src}: [front]") or None,
         fuse_lib=fuse_lib,
+        spin_us=spin_us,
         metrics=_typed(doc.get("metrics", {}), "listen", str, f"{src}: [metrics]") or None,
         control=_typed(doc.get("control", {}), "path", str, f"{src}: [control]") or None,
         sessions=_session_settings(doc.get("sessions", {}), f"{src}: [sessions]"),
@@ -261,6 +272,15 @@ def _session_settings(table: dict[str, Any], where: str) -> Settings:
 
 #: The FUSE directory's servers (see cusetpm.frontends.fuse).
 FUSE_LIBS = ("channel", "pyfuse3")
+
+
+def check_spin(value: float | None) -> float:
+    """``--spin-us``: the default if not given; ConfigError out of range."""
+    if value is None:
+        return DEFAULT_SPIN_US
+    if not 0 <= value <= MAX_SPIN_US:
+        raise ConfigError(f"--spin-us must be 0..{MAX_SPIN_US:g}, not {value:g}")
+    return float(value)
 
 
 def load(path: str | Path) -> DaemonConfig:
@@ -300,6 +320,7 @@ def from_args(args: argparse.Namespace, kind: str, where: str) -> DaemonConfig:
         front=kind,
         fuse_dir=where if kind == "fuse" else None,
         fuse_lib=getattr(args, "fuse_lib", None) or "channel",
+        spin_us=check_spin(getattr(args, "spin_us", None)),
         metrics=args.metrics,
         control=args.control,
         sessions=settings,
