@@ -35,7 +35,7 @@ from . import cuse_proto as proto
 from . import fuse_proto as fsp
 from .channel import DEFAULT_SPIN, Channel
 
-__all__ = ["TpmFuse", "serve_fuse", "unmount_dead"]
+__all__ = ["Directory", "Entry", "TpmFuse", "serve_fuse", "unmount_dead"]
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +53,19 @@ class Entry:
     group: int = -1
 
 
-class TpmFuse(Channel):
-    """A directory of TPM device files, one per node, on one /dev/fuse channel.
+class Directory:
+    """The directory's names and inodes, one file per node, whatever serves them.
 
     Tenant nodes (``--config``) come and go with a reload: :meth:`add` makes a file appear,
     :meth:`hide` takes its name away (files open on it go on), :meth:`forget_node` drops it.
+    What tells the kernel is the server's: :meth:`invalidate_attrs`, :meth:`forget_name`.
     """
 
-    def __init__(
-        self, node: Node | None = None, name: str = "tpmrm0", mode: int = 0o660, owner: int | None = None,
-        group: int | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(-1, "fuse")
-        self.fd = None
+    def __init__(self) -> None:
         self.entries: dict[bytes, Entry] = {}
         self.by_inode: dict[int, Entry] = {}
         self._next_inode = FILE_INODE
         self.mounted = False
-        #: Notifications that take the directory's lock in the kernel: written by a thread,
-        #: since a lookup waiting for this loop may hold that lock.
-        self._notify_send: trio.MemorySendChannel[bytes] | None = None
-        if node is not None:
-            self.add(node, name, mode, owner, group)
-
-    # -- the directory -------------------------------------------------------
 
     def add(self, node: Node, name: str, mode: int = 0o660, owner: int | None = None,
             group: int | None = None) -> None:  # fmt: skip
@@ -94,7 +83,7 @@ class TpmFuse(Channel):
         entry = self.entries[name.encode()]
         self._set(entry, mode, owner, group)
         if self.mounted:
-            self.send(fsp.notify_inval_inode(entry.inode))
+            self.invalidate_attrs(entry.inode)
 
     @staticmethod
     def _set(entry: Entry, mode: int, owner: int | None, group: int | None) -> None:
@@ -105,15 +94,45 @@ class TpmFuse(Channel):
     def hide(self, name: str) -> None:
         """No new open of ``name``: it leaves the directory (the kernel forgets its entry)."""
         entry = self.entries.pop(name.encode(), None)
-        if entry is not None and self.mounted and self._notify_send is not None:
-            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                self._notify_send.send_nowait(fsp.notify_delete(fsp.ROOT_INODE, entry.inode, name.encode()))
+        if entry is not None and self.mounted:
+            self.forget_name(name.encode(), entry.inode)
 
     def forget_node(self, node: Node) -> None:
         """The node's last file closed: its inode goes too."""
         for inode, entry in list(self.by_inode.items()):
             if entry.node is node:
                 del self.by_inode[inode]
+
+    def invalidate_attrs(self, inode: int) -> None:
+        raise NotImplementedError
+
+    def forget_name(self, name: bytes, inode: int) -> None:
+        raise NotImplementedError
+
+
+class TpmFuse(Channel, Directory):
+    """A directory of TPM device files, one per node, on one /dev/fuse channel."""
+
+    def __init__(
+        self, node: Node | None = None, name: str = "tpmrm0", mode: int = 0o660, owner: int | None = None,
+        group: int | None = None,
+    ) -> None:  # fmt: skip
+        Channel.__init__(self, -1, "fuse")
+        Directory.__init__(self)
+        self.fd = None
+        #: Notifications that take the directory's lock in the kernel: written by a thread,
+        #: since a lookup waiting for this loop may hold that lock.
+        self._notify_send: trio.MemorySendChannel[bytes] | None = None
+        if node is not None:
+            self.add(node, name, mode, owner, group)
+
+    def invalidate_attrs(self, inode: int) -> None:
+        self.send(fsp.notify_inval_inode(inode))
+
+    def forget_name(self, name: bytes, inode: int) -> None:
+        if self._notify_send is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._notify_send.send_nowait(fsp.notify_delete(fsp.ROOT_INODE, inode, name))
 
     def _attr(self, inode: int) -> fsp.Attr:
         if inode == fsp.ROOT_INODE:

@@ -18,17 +18,16 @@ import functools
 import logging
 import os
 import stat
-from dataclasses import dataclass
 from typing import Any, Callable, Coroutine, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from ..daemon.node import DeviceFile, Node, Opener
+from .fuse import Directory, unmount_dead
 
 log = logging.getLogger(__name__)
 
-FILE_INODE = pyfuse3.ROOT_INODE + 1
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -56,23 +55,8 @@ def errno_reply(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
     return wrapper
 
 
-@dataclass(slots=True)
-class Entry:
-    """One node's file in the directory."""
-
-    node: Node
-    inode: int
-    mode: int = 0o660
-    owner: int = -1
-    group: int = -1
-
-
-class TpmFuse(pyfuse3.Operations):
-    """pyfuse3 operations for a directory of TPM device files, one per node.
-
-    Tenant nodes (``--config``) come and go with a reload: :meth:`add` makes a file appear,
-    :meth:`hide` takes its name away (files open on it go on), :meth:`forget_node` drops it.
-    """
+class TpmFuse(pyfuse3.Operations, Directory):
+    """pyfuse3 operations for a directory of TPM device files, one per node."""
 
     enable_writeback_cache = False
 
@@ -80,52 +64,19 @@ class TpmFuse(pyfuse3.Operations):
         self, node: Node | None = None, name: str = "tpmrm0", mode: int = 0o660, owner: int | None = None,
         group: int | None = None,
     ) -> None:  # fmt: skip
-        super().__init__()
-        self.entries: dict[bytes, Entry] = {}
-        self.by_inode: dict[int, Entry] = {}
-        self._next_inode = FILE_INODE
+        pyfuse3.Operations.__init__(self)
+        Directory.__init__(self)
         self.files: dict[int, tuple[DeviceFile, bool]] = {}
         self._next_fh = 1
-        self.mounted = False
         if node is not None:
             self.add(node, name, mode, owner, group)
 
-    def add(self, node: Node, name: str, mode: int = 0o660, owner: int | None = None,
-            group: int | None = None) -> None:  # fmt: skip
-        """A file ``name`` for ``node``.  Its owner and group default to the daemon's; the
-        kernel checks them against ``mode`` itself (``default_permissions``), so a client
-        without access gets EACCES."""
-        entry = Entry(node, self._next_inode)
-        self._next_inode += 1
-        self._set(entry, mode, owner, group)
-        self.entries[name.encode()] = entry
-        self.by_inode[entry.inode] = entry
+    def invalidate_attrs(self, inode: int) -> None:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
 
-    def set_attrs(self, name: str, mode: int, owner: int | None, group: int | None) -> None:
-        """A reload changed a file's mode or owner: the next stat shows it."""
-        entry = self.entries[name.encode()]
-        self._set(entry, mode, owner, group)
-        if self.mounted:
-            pyfuse3.invalidate_inode(entry.inode, attr_only=True)
-
-    @staticmethod
-    def _set(entry: Entry, mode: int, owner: int | None, group: int | None) -> None:
-        entry.mode = mode
-        entry.owner = os.getuid() if owner is None else owner
-        entry.group = os.getgid() if group is None else group
-
-    def hide(self, name: str) -> None:
-        """No new open of ``name``: it leaves the directory (the kernel forgets its entry)."""
-        entry = self.entries.pop(name.encode(), None)
-        if entry is not None and self.mounted:
-            with contextlib.suppress(OSError):
-                pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), deleted=entry.inode)
-
-    def forget_node(self, node: Node) -> None:
-        """The node's last file closed: its inode goes too."""
-        for inode, entry in list(self.by_inode.items()):
-            if entry.node is node:
-                del self.by_inode[inode]
+    def forget_name(self, name: bytes, inode: int) -> None:
+        with contextlib.suppress(OSError):
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, deleted=inode)
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -210,18 +161,6 @@ class TpmFuse(pyfuse3.Operations):
         f, _ = self.files.pop(fh, (None, False))
         if f is not None:
             await f.release()
-
-
-async def unmount_dead(mountpoint: str) -> None:
-    """A daemon killed with SIGKILL leaves its mount behind, answering ENOTCONN; lazily
-    unmount it so that the new mount does not stack on a dead one."""
-    try:
-        os.statvfs(mountpoint)  # stat() may be answered from the attribute cache; statfs never is
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            return
-        log.warning("%s: a dead FUSE mount (a killed daemon's?); unmounting it", mountpoint)
-        await trio.run_process(["fusermount3", "-u", "-z", mountpoint], check=False)
 
 
 async def serve_fuse(
