@@ -136,10 +136,14 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     assert floor_head == header[1:-1]  # every node column
     one(rf"read\(\), nothing pending +{NUM}( +{NUM} {NUM}x){{{len(floor_head)}}}")
     one(rf"poll\(\) +{NUM}( +{NUM} {NUM}x){{{len(floor_head)}}}")
+    one(rf"read\(\), one CPU +{NUM}( +{NUM} {NUM}x){{{len(floor_head)}}}")
+    one(rf"poll\(\), one CPU +{NUM}( +{NUM} {NUM}x){{{len(floor_head)}}}")
     for label in floor_head:
-        one(
-            rf"Goal \(idle request on the node <= 1\.5x C libfuse\): {re.escape(label)}: (NOT )?MET \(read {NUM}x, poll {NUM}x\)"
-        )
+        for where in ("", ", client and daemon on one CPU"):
+            one(
+                rf"Goal \(idle request on the node <= 1\.5x C libfuse{where}\): {re.escape(label)}: (NOT )?MET "
+                rf"\(read {NUM}x, poll {NUM}x\)"
+            )
     # The limits: the backend's own cost over a raw socket, each node column against its limit,
     # and issue 9's goals for every node column in its mode.
     one(r"backend's own cost, µs \(cmds\) +alone +kernel cycle +limit, kernel +limit, lazy")

@@ -5,7 +5,9 @@ command counts, not speed)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,48 @@ def test_a_closed_tpm_is_an_error_not_a_hang(tmp_path: Path) -> None:
         tpm.close()
     finally:
         swtpm.stop()
+
+
+def test_the_floor_report_judges_each_placement() -> None:
+    from cusetpm.testing.bench_report import report_floor
+
+    node = Route("node(6.12)", lambda rig: ("", ""), lambda rig: ("", "", None))  # type: ignore[arg-type,return-value]
+    node.request_us, node.poll_us, node.pinned_request_us, node.pinned_poll_us = 30.0, 28.0, 12.0, 10.0
+    floor = Floor(read_us=8.0, poll_us=7.0, pinned_read_us=8.0, pinned_poll_us=7.0)
+    lines = report_floor([node], floor)
+    assert "Goal (idle request on the node <= 1.5x C libfuse): node(6.12): NOT MET (read 3.75x, poll 4.00x)" in lines
+    assert (
+        "Goal (idle request on the node <= 1.5x C libfuse, client and daemon on one CPU): node(6.12): "
+        "MET (read 1.50x, poll 1.43x)"
+    ) in lines
+    assert any(line.startswith("read(), one CPU") and "12 1.50x" in line for line in lines)
+    # Without the pinned figures (sched_setaffinity refused), only the free placement is judged.
+    lines = report_floor([node], Floor(read_us=8.0, poll_us=7.0, pin_error="sched_setaffinity: EPERM"))
+    assert not any("one CPU" in line and line.startswith("Goal") for line in lines)
+    assert "  one CPU: not measured: sched_setaffinity: EPERM" in lines
+
+
+def test_one_cpu_pins_every_thread_of_the_server_and_restores_the_masks(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from cusetpm.testing.bench_floor import one_cpu, server_pids
+
+    where = tmp_path / "mnt"
+    where.mkdir()
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(where)])
+    try:
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{proc.pid}/task")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server_pids(str(where / "idle")) == [proc.pid]
+        before_ours, before_theirs = os.sched_getaffinity(0), os.sched_getaffinity(proc.pid)
+        with one_cpu([proc.pid]):
+            assert os.sched_getaffinity(0) == {0}
+            for tid in os.listdir(f"/proc/{proc.pid}/task"):
+                assert os.sched_getaffinity(int(tid)) == {0}
+        assert os.sched_getaffinity(0) == before_ours and os.sched_getaffinity(proc.pid) == before_theirs
+    finally:
+        proc.kill()
+        proc.wait()

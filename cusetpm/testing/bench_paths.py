@@ -97,6 +97,9 @@ class Route:
     #: poll), node only: bench_floor.measure_floors.
     request_us: float | None = None
     poll_us: float | None = None
+    #: The same with the bench and the daemon on one CPU (bench_floor.one_cpu).
+    pinned_request_us: float | None = None
+    pinned_poll_us: float | None = None
     #: A node's swap mode ("kernel" or "lazy": what its limit and goals are), None for the others.
     mode: str | None = None
 

@@ -74,19 +74,35 @@ def report_floor(paths: list[Route], floor: Floor) -> list[str]:
     nodes = [p for p in paths if p.request_us is not None or p.poll_us is not None]
     cols = [["C libfuse", ratio(floor.read_us, None), ratio(floor.poll_us, None)]]
     cols += [[p.label, ratio(p.request_us, floor.read_us), ratio(p.poll_us, floor.poll_us)] for p in nodes]
-    out = grid("µs per idle request (x C libfuse)", ["read(), nothing pending", "poll()"], cols)
+    rows = ["read(), nothing pending", "poll()"]
+    if floor.pinned_read_us is not None:
+        rows += ["read(), one CPU", "poll(), one CPU"]
+        cols[0] += [ratio(floor.pinned_read_us, None), ratio(floor.pinned_poll_us, None)]
+        for col, p in zip(cols[1:], nodes, strict=True):
+            col += [ratio(p.pinned_request_us, floor.pinned_read_us), ratio(p.pinned_poll_us, floor.pinned_poll_us)]
+    out = grid("µs per idle request (x C libfuse)", rows, cols)
     if floor.error:
         out.append(f"  C libfuse: FAILED: {floor.error}")
+    if floor.pin_error:
+        out.append(f"  one CPU: not measured: {floor.pin_error}")
     for p in nodes:
-        pairs = [("read", p.request_us, floor.read_us), ("poll", p.poll_us, floor.poll_us)]
-        got = [(op, v / base) for op, v, base in pairs if v is not None and base]
-        if len(got) < len(pairs):
-            verdict = "not measured"
-        else:
-            detail = ", ".join(f"{op} {x:.2f}x" for op, x in got)
-            verdict = f"{met(all(x <= FLOOR_GOAL for _, x in got))} ({detail})"
-        out.append(f"Goal (idle request on the node <= {FLOOR_GOAL}x C libfuse): {p.label}: {verdict}")
+        out.append(floor_goal(p.label, [("read", p.request_us, floor.read_us), ("poll", p.poll_us, floor.poll_us)]))
+        if floor.pinned_read_us is not None:
+            pairs = [("read", p.pinned_request_us, floor.pinned_read_us),
+                     ("poll", p.pinned_poll_us, floor.pinned_poll_us)]  # fmt: skip
+            out.append(floor_goal(p.label, pairs, ", client and daemon on one CPU"))
     return out
+
+
+def floor_goal(label: str, pairs: list[tuple[str, float | None, float | None]], where: str = "") -> str:
+    """The idle-request goal for one node and one placement."""
+    got = [(op, v / base) for op, v, base in pairs if v is not None and base]
+    if len(got) < len(pairs):
+        verdict = "not measured"
+    else:
+        detail = ", ".join(f"{op} {x:.2f}x" for op, x in got)
+        verdict = f"{met(all(x <= FLOOR_GOAL for _, x in got))} ({detail})"
+    return f"Goal (idle request on the node <= {FLOOR_GOAL}x C libfuse{where}): {label}: {verdict}"
 
 
 def report_files(fig: FilesFigure) -> list[str]:
@@ -203,7 +219,9 @@ def how_figures(args: argparse.Namespace) -> str:
             "Idle request: read() of the node's file with nothing pending and poll() with a 0 timeout, "
             f"{args.floor} in a loop, 5 times alternating with the same loop on a C libfuse low-level file "
             "system built by the bench (gcc, libfuse3; one thread, fuse_session_loop; an empty direct-I/O "
-            "file whose read answers 0 bytes and poll POLLOUT, as the idle node); median of the 5."
+            "file whose read answers 0 bytes and poll POLLOUT, as the idle node); median of the 5.  Then the "
+            "same 5 alternations with this thread and every thread of the file's server on CPU 0 (one CPU): "
+            "the server's own cost, without the wake-up of an idle CPU the scheduler may add."
         )
     if args.files:
         parts.append(
