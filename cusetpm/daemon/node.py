@@ -254,18 +254,13 @@ class DeviceFile:
 
     async def write(self, data: bytes, nonblock: bool) -> int:
         """tpm_common_write()."""
-        if self.node.recorder is not None:
-            self.node.recorder.wrote(self, data, nonblock)
-        FileState.check_size(len(data))
+        self._write_begins(data, nonblock)
         await self._acquire()
         handed_over = False
         try:
             self.state.accept_write(data, nonblock)
             if nonblock:
-                # The worker inherits the file lock, as the kernel's async work takes the
-                # mutex at once: a poll() or read() right after write() waits for it.
-                self._work_done = trio.Event()
-                self.chip.queue_work(self)
+                self._hand_over()
                 handed_over = True
                 return len(data)
             FileState.check_chip(self.chip.usable_by(self))
@@ -278,6 +273,18 @@ class DeviceFile:
             if not handed_over:
                 self.lock.release()
 
+    def _write_begins(self, data: bytes, nonblock: bool) -> None:
+        """Before the file lock: the recording, and E2BIG (step 1)."""
+        if self.node.recorder is not None:
+            self.node.recorder.wrote(self, data, nonblock)
+        FileState.check_size(len(data))
+
+    def _hand_over(self) -> None:
+        """Queue the O_NONBLOCK command.  The worker inherits the file lock, as the kernel's
+        async work takes the mutex at once: a poll() or read() right after write() waits for it."""
+        self._work_done = trio.Event()
+        self.chip.queue_work(self)
+
     # -- the fast path: what needs no waiting, answered without a task (issue 9) ----------
     #
     # Each returns None, having done nothing, when the call would have to wait (the file lock
@@ -288,17 +295,14 @@ class DeviceFile:
         """write() of an O_NONBLOCK command with the lock free: queue it and return."""
         if not nonblock or self.lock.value == 0:
             return None
-        if self.node.recorder is not None:
-            self.node.recorder.wrote(self, data, nonblock)
-        FileState.check_size(len(data))
+        self._write_begins(data, nonblock)
         self.lock.acquire_nowait()
         try:
             self.state.accept_write(data, nonblock)
         except BaseException:
             self.lock.release()
             raise
-        self._work_done = trio.Event()
-        self.chip.queue_work(self)  # the worker releases the lock
+        self._hand_over()  # the worker releases the lock
         return len(data)
 
     def try_read(self, size: int) -> bytes | None:
