@@ -23,7 +23,7 @@ from .kernel.profiles import DEFAULT_PROFILE, PROFILES
 from .kernel.seam import Seam
 from .kernel.tpm2_cmd import ChipInitError
 from .serve import Tenants
-from .tenants.config import ConfigError, DaemonConfig
+from .tenants.config import ConfigError, DaemonConfig, check_spin
 from .tenants.config import from_args as config_from_args
 from .tenants.config import load as load_config
 
@@ -199,13 +199,16 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
 
 
 def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """--control, --metrics and --fuse-lib given with --config win over the file's (a test
-    harness, a unit file's drop-in); a reload keeps them."""
-    return {
+    """--control, --metrics, --fuse-lib and --spin-us given with --config win over the file's
+    (a test harness, a unit file's drop-in); a reload keeps them."""
+    given = {
         key: value
         for key in ("control", "metrics", "fuse_lib", "spin_us")
         if (value := getattr(args, key, None)) is not None
     }
+    if "spin_us" in given:
+        given["spin_us"] = check_spin(given["spin_us"])
+    return given
 
 
 async def serve(args: argparse.Namespace) -> int:

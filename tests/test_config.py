@@ -135,6 +135,8 @@ def test_spin_us_is_checked_and_the_command_line_wins() -> None:
     assert command_line_overrides(args) == {"spin_us": 0.0}
     with pytest.raises(ConfigError, match="--spin-us"):
         from_args(build_parser().parse_args(["serve", "--spin-us", "-5"]), "fuse", "/tmp/x")
+    with pytest.raises(ConfigError, match="--spin-us"):  # given with --config as well
+        command_line_overrides(build_parser().parse_args(["serve", "--config", "x.toml", "--spin-us", "-5"]))
 
 
 def test_swap_lazy_is_a_setting_of_the_tpm_and_not_with_global_sessions() -> None:

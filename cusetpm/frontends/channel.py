@@ -50,7 +50,12 @@ DEFAULT_SPIN = 100e-6
 
 
 class FileOps(Protocol):
-    """One open() of the device.  Errors are raised as ``OSError(errno, ...)``."""
+    """One open() of the device.  Errors are raised as ``OSError(errno, ...)``.
+
+    A file may also answer without waiting (:class:`~cusetpm.daemon.node.DeviceFile` does):
+    ``try_write(data, nonblock)``, ``try_read(size)`` and ``try_poll(wake)`` return None,
+    having done nothing, when the call would wait; the loop then runs the async method.
+    """
 
     async def write(self, data: bytes, nonblock: bool) -> int: ...
 
@@ -59,17 +64,6 @@ class FileOps(Protocol):
     async def poll(self, wake: Callable[[], None] | None) -> int: ...
 
     async def release(self) -> None: ...
-
-
-class FastFileOps(FileOps, Protocol):
-    """A file that can also answer without waiting (:class:`~cusetpm.daemon.node.DeviceFile`):
-    each ``try_`` method returns None, having done nothing, when the call would wait."""
-
-    def try_write(self, data: bytes, nonblock: bool) -> int | None: ...
-
-    def try_read(self, size: int) -> bytes | None: ...
-
-    def try_poll(self, wake: Callable[[], None] | None) -> int | None: ...
 
 
 class DeviceOps(Protocol):
@@ -103,7 +97,7 @@ class Channel:
 
     # -- raw I/O -----------------------------------------------------------
 
-    def read_now(self) -> bytes | None:
+    def read_now(self) -> bytes:
         """One request if one is waiting; raises BlockingIOError if none is."""
         assert self.fd is not None
         n = os.readv(self.fd, [self._buf])
@@ -146,6 +140,7 @@ class Channel:
             if burst >= BURST:
                 burst = 0
                 await trio.lowlevel.checkpoint()
+            buf: bytes | None
             try:
                 buf = self.read_now()
                 burst += 1
@@ -210,7 +205,12 @@ class Channel:
                 out = proto.reply_error(req.unique, _errno_of(e))
             if out is not None:
                 self.send(out)
-                return
+            else:
+                # Registered before the task starts, so an interrupt that follows
+                # at once still finds it.
+                scope = self.inflight[req.unique] = trio.CancelScope()
+                nursery.start_soon(self.answer, req, scope)
+            return
         if isinstance(req, proto.Open):
             if self._releasing:
                 nursery.start_soon(self.open_after, req, list(self._releasing.values()))
@@ -221,13 +221,7 @@ class Channel:
             done = self._releasing[req.unique] = trio.Event()
             nursery.start_soon(self.release, req, done)
             return
-        if isinstance(req, (proto.Read, proto.Write, proto.Poll)):
-            # Registered before the task starts, so an interrupt that follows
-            # at once still finds it.
-            scope = self.inflight[req.unique] = trio.CancelScope()
-            nursery.start_soon(self.answer, req, scope)
-            return
-        out = self.other(req, nursery)
+        out = self.other(req)
         if out is not None:
             self.send(out)
 
@@ -239,11 +233,7 @@ class Channel:
         if isinstance(req, proto.Read):
             try_read = getattr(f, "try_read", None)
             data = try_read(req.size) if try_read is not None else None
-            if data is None:
-                return None
-            if len(data) > req.size:
-                raise OSError(errno.EIO, f"device read returned {len(data)} > {req.size} bytes")
-            return proto.reply_read(req.unique, data)
+            return None if data is None else proto.reply_read(req.unique, data)
         if isinstance(req, proto.Write):
             try_write = getattr(f, "try_write", None)
             n = try_write(req.data, req.nonblock) if try_write is not None else None
@@ -287,7 +277,7 @@ class Channel:
         self.files[fh] = f
         return fh
 
-    def other(self, req: proto.Request, nursery: trio.Nursery) -> bytes | None:
+    def other(self, req: proto.Request) -> bytes | None:
         """The reply to a request that is no file operation (None: send nothing)."""
         return proto.default_reply(req)
 

@@ -93,7 +93,7 @@ class _Server(Channel):
             return proto.reply_open(req.unique, PROBE_FH)
         return proto.reply_open(req.unique, self.add_file(self.device.open(req.flags, Opener(h.uid, h.gid, h.pid))))
 
-    def other(self, req: proto.Request, nursery: trio.Nursery) -> bytes | None:
+    def other(self, req: proto.Request) -> bytes | None:
         if isinstance(req, proto.CuseInit):
             return proto.reply_error(req.unique, errno.EPROTO)
         return proto.default_reply(req)

@@ -151,7 +151,7 @@ class TpmFuse(Channel, Directory):
         fh = self.add_file(entry.node.open(req.flags, Opener(h.uid, h.gid, h.pid)))
         return proto.reply_open(req.unique, fh, proto.FOPEN_DIRECT_IO | proto.FOPEN_NONSEEKABLE)
 
-    def other(self, req: proto.Request, nursery: trio.Nursery) -> bytes | None:
+    def other(self, req: proto.Request) -> bytes | None:
         op, unique, inode = req.header.opcode, req.unique, req.header.nodeid
         body = req.body if isinstance(req, proto.Unknown) else b""
         if op == fsp.FsOpcode.LOOKUP:

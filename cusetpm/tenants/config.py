@@ -223,9 +223,7 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
     fuse_lib = _typed(front, "fuse_lib", str, f"{src}: [front]", "channel")
     if fuse_lib not in FUSE_LIBS:
         raise ConfigError(f'{src}: [front]: fuse_lib must be "channel" or "pyfuse3", not {fuse_lib!r}')
-    spin_us = _typed(front, "spin_us", (int, float), f"{src}: [front]", DEFAULT_SPIN_US)
-    if not 0 <= spin_us <= MAX_SPIN_US:
-        raise ConfigError(f"{src}: [front]: spin_us must be 0..{MAX_SPIN_US}, not {spin_us}")
+    spin_us = check_spin(_typed(front, "spin_us", (int, float), f"{src}: [front]"), f"{src}: [front]: spin_us")
     state_dir = _typed(tpm, "state_dir", str, f"{src}: [tpm]")
     swap = _typed(tpm, "swap", str, f"{src}: [tpm]", "kernel")
     if swap not in ("kernel", "lazy"):
@@ -274,12 +272,12 @@ def _session_settings(table: dict[str, Any], where: str) -> Settings:
 FUSE_LIBS = ("channel", "pyfuse3")
 
 
-def check_spin(value: float | None) -> float:
-    """``--spin-us``: the default if not given; ConfigError out of range."""
+def check_spin(value: float | None, where: str = "--spin-us") -> float:
+    """``spin_us`` / ``--spin-us``: the default if not given; ConfigError out of range."""
     if value is None:
         return DEFAULT_SPIN_US
     if not 0 <= value <= MAX_SPIN_US:
-        raise ConfigError(f"--spin-us must be 0..{MAX_SPIN_US:g}, not {value:g}")
+        raise ConfigError(f"{where} must be 0..{MAX_SPIN_US:g}, not {value:g}")
     return float(value)
 
 
