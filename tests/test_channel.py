@@ -204,6 +204,55 @@ def test_a_poll_that_must_wait_is_answered_when_the_file_is_free() -> None:
     run(BusyFile, body)
 
 
+class WorkingFile(FastFile):
+    """A file whose O_NONBLOCK command is running: polls and reads wait for it, queued on the
+    file (as DeviceFile's poll_after_work/read_after_work) until ``finish()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after: list[Callable[[], None]] = []
+
+    def try_read(self, size: int) -> bytes | None:
+        return None
+
+    def try_poll(self, wake: Callable[[], None] | None) -> int | None:
+        return None
+
+    def poll_after_work(self, wake: Callable[[], None] | None, reply: Callable[[int], None]) -> bool:
+        self.after.append(lambda: reply(1))
+        return True
+
+    def read_after_work(self, size: int, reply: Callable[[bytes | OSError], None]) -> bool:
+        self.after.append(lambda: reply(b"done"))
+        self.after.append(lambda: reply(OSError(errno.EIO, "second read fails")))
+        return True
+
+    def finish(self) -> None:
+        for then in self.after:
+            then()
+
+
+def test_a_call_waiting_for_the_files_command_needs_no_task() -> None:
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        await sock.send(p.build_request(p.Opcode.POLL, 4, p.POLL_IN.pack(fh, 1, 0, 1)))
+        await sock.send(p.build_request(p.Opcode.READ, 6, read_in(fh)))
+        with trio.move_on_after(0.1):
+            await sock.recv(1 << 16)
+            raise AssertionError("answered before the command ended")
+        f = server.files[fh]
+        assert server.inflight == {} and len(f.after) == 3  # type: ignore[attr-defined]
+        f.finish()  # type: ignore[attr-defined]
+        with trio.fail_after(5):
+            replies = [await sock.recv(1 << 16) for _ in range(3)]
+        assert p.OUT_HEADER.unpack_from(replies[0])[1:] == (0, 4)
+        assert p.POLL_OUT.unpack_from(replies[0], p.OUT_HEADER.size)[0] == 1
+        assert replies[1] == p.reply_read(6, b"done")
+        assert p.OUT_HEADER.unpack_from(replies[2]) == (p.OUT_HEADER.size, -errno.EIO, 6)
+
+    run(WorkingFile, body)
+
+
 def test_files_without_a_fast_path_still_work() -> None:
     """A FileOps with only the async methods (the test devices) goes the slow way."""
 

@@ -67,6 +67,59 @@ async def test_nonblocking_write_returns_at_once_and_poll_waits(dev):
 
 
 @with_device()
+async def test_a_poll_and_a_read_waiting_for_the_command_are_answered_as_it_ends(dev):
+    """After an O_NONBLOCK write, a poll and a read that wait only for the command are queued
+    on the file (no task), run in order under the lock as it ends, and their replies come
+    before the wake-up: the kernel's mutex hands the lock over, then wakes pollers."""
+    f = dev.open()
+    events: list[object] = []
+    assert f.try_poll(lambda: events.append("woken")) == POLL_OUT
+    assert f.poll_after_work(None, events.append) is False  # nothing holds the lock
+    data = get_random(8)
+    async with dev.chip.lock:  # the command cannot end meanwhile
+        assert f.try_write(data, True) == len(data)
+        assert f.try_poll(None) is None  # the command holds the lock
+        assert f.poll_after_work(lambda: events.append("woken"), events.append) is True
+        assert f.read_after_work(4096, events.append) is True
+        assert f.poll_after_work(None, events.append) is True
+        await trio.sleep(0.05)
+        assert events == []
+    with trio.fail_after(10):
+        await f._work_done.wait()
+    mask, response, after = events[:3]
+    assert mask == POLL_IN and after == POLL_OUT  # the read between them took the response
+    assert isinstance(response, bytes) and rc(response) == 0 and len(response) == 20
+    assert events[3:] == ["woken"]
+    assert f.try_read(4096) == b""
+    # A call that comes while a task already waits for the lock queues behind that task.
+    async with trio.open_nursery() as n:
+        async with dev.chip.lock:  # the command waits for the chip meanwhile
+            assert f.try_write(data, True) == len(data)
+            n.start_soon(f.read, 4096)
+            with trio.fail_after(10):
+                while f.lock.statistics().tasks_waiting == 0:
+                    await trio.sleep(0)
+            assert f.poll_after_work(None, events.append) is False
+            assert f.read_after_work(4096, events.append) is False
+    assert f.try_read(4096) == b"" and events[4:] == []  # the task read it
+    await f.release()
+
+
+@with_device()
+async def test_a_read_waiting_for_the_command_gets_its_error(dev):
+    f = dev.open()
+    got: list[object] = []
+    await f.write(b"\x80\x01\x00\x00\x00\x0e\x00\x00\x01\x73\x80\xff\xff\xff", True)  # ReadPublic(empty vh)
+    assert f.read_after_work(4096, got.append) is True
+    with trio.fail_after(10):
+        await f._work_done.wait()
+    (err,) = got
+    assert isinstance(err, OSError) and err.errno == errno.EINVAL
+    assert await f.read(4096) == b""
+    await f.release()
+
+
+@with_device()
 async def test_sync_completion_does_not_wake_pollers(dev):
     f = dev.open()
     woken = []

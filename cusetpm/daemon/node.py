@@ -206,6 +206,9 @@ class DeviceFile:
         #: the latest registration stands for every poller of the file.
         self._waiter: Callable[[], None] | None = None
         self._work_done: trio.Event | None = None
+        #: While an O_NONBLOCK command holds the file lock: the polls and reads that came
+        #: meanwhile, run under the lock when it ends (see :meth:`poll_after_work`).
+        self._after_work: list[Callable[[], None]] | None = None
         #: The timer has fired and timeout_work is queued for this file.
         self.timeout_queued = False
         self.closed = False
@@ -283,6 +286,7 @@ class DeviceFile:
         """Queue the O_NONBLOCK command.  The worker inherits the file lock, as the kernel's
         async work takes the mutex at once: a poll() or read() right after write() waits for it."""
         self._work_done = trio.Event()
+        self._after_work = []
         self.chip.queue_work(self)
 
     # -- the fast path: what needs no waiting, answered without a task (issue 9) ----------
@@ -319,11 +323,53 @@ class DeviceFile:
         """poll() with the lock free."""
         if self.lock.value == 0:
             return None
+        self._poll_begins(wake)
+        return self.state.poll_mask()
+
+    # -- what waits only for the O_NONBLOCK command: answered when it ends, with no task ----
+    #
+    # A client's poll() (or read()) right after an O_NONBLOCK write() waits for the file lock
+    # the command holds, as the kernel's does in mutex_lock().  If nothing else waits for the
+    # lock, the call is queued on the file instead of in a task of its own, and the worker runs
+    # it under the lock as the command ends, before anyone else may take it: the order the
+    # lock would have given.  Each returns False, having done nothing, when that cannot be.
+
+    def _waits_only_for_work(self) -> bool:
+        return self._after_work is not None and self.lock.statistics().tasks_waiting == 0
+
+    def poll_after_work(self, wake: Callable[[], None] | None, reply: Callable[[int], None]) -> bool:
+        """poll(): ``reply(mask)`` once the command holding the lock ends."""
+        if not self._waits_only_for_work():
+            return False
+        self._poll_begins(wake)
+        assert self._after_work is not None
+        self._after_work.append(lambda: reply(self.state.poll_mask()))
+        return True
+
+    def read_after_work(self, size: int, reply: Callable[[bytes | OSError], None]) -> bool:
+        """read(): ``reply(data)`` (or ``reply(error)``) once the command holding the lock ends."""
+        if not self._waits_only_for_work() or not self.state.read_needs_lock(size):
+            return False
+        if self.node.recorder is not None:
+            self.node.recorder.read(self, size)
+
+        def then() -> None:
+            try:
+                data: bytes | OSError = self.state.read(size)
+            except OSError as e:
+                data = e
+            reply(data)
+
+        assert self._after_work is not None
+        self._after_work.append(then)
+        return True
+
+    def _poll_begins(self, wake: Callable[[], None] | None) -> None:
+        """poll_wait(), before the lock: the recording, and the wake-up registered."""
         if self.node.recorder is not None:
             self.node.recorder.polled(self, wake is not None)
         if wake is not None:
             self._waiter = wake
-        return self.state.poll_mask()
 
     async def async_work(self) -> None:
         """tpm_dev_async_work(): the O_NONBLOCK command, run after write() returned.
@@ -332,6 +378,7 @@ class DeviceFile:
         """
         assert self._work_done is not None
         done = self._work_done
+        finished = False
         try:
             if not self.chip.usable_by(self):
                 self.state.async_chip_gone()
@@ -341,9 +388,19 @@ class DeviceFile:
                 result = await self._run(bytes(self.state.buf[: min(size, len(self.state.buf))]))
                 self.state.async_finished(result, trio.current_time())
                 self._arm_timer()
-            self._wake()
+            finished = True
         finally:
+            # mutex_unlock(), then wake_up_interruptible(): first what waited for the lock
+            # (their replies go out before the wake-up, which only makes pollers poll again).
+            after, self._after_work = self._after_work, None
+            for then in after or ():
+                try:
+                    then()
+                except Exception:
+                    log.exception("a call waiting for the command failed")
             self.lock.release()
+            if finished:
+                self._wake()
             done.set()
 
     async def read(self, size: int, nonblock: bool = False) -> bytes:
@@ -360,10 +417,7 @@ class DeviceFile:
 
     async def poll(self, wake: Callable[[], None] | None = None) -> int:
         """tpm_common_poll(): waits for a command in flight, then IN or OUT, never both."""
-        if self.node.recorder is not None:
-            self.node.recorder.polled(self, wake is not None)
-        if wake is not None:
-            self._waiter = wake
+        self._poll_begins(wake)
         await self._acquire()
         mask = self.state.poll_mask()
         self.lock.release()

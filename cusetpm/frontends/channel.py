@@ -12,9 +12,12 @@ system's own requests); here is only I/O and concurrency:
 * **spinning**: after the last request the loop polls for the next one for ``spin`` seconds
   before sleeping in epoll (:meth:`Channel.spin_read`), which skips the wake-ups between a
   command's five requests;
+* a poll or read that waits only for the file's O_NONBLOCK command (a TCTI's poll() right
+  after its write()) is queued on the file and answered as the command ends, again with no
+  task;
 * everything else (a blocking write, which runs the TPM command; a read or poll that waits
-  for a command in flight; release) runs in its own task, so that one file waiting never
-  delays another;
+  for something else; release) runs in its own task, so that one file waiting never delays
+  another;
 * FUSE_INTERRUPT (the caller got a signal) cancels the waiting task, and the request is
   answered EINTR.  Whether cancelling is safe at that point is the device's business: it
   shields what must not be interrupted;
@@ -54,7 +57,10 @@ class FileOps(Protocol):
 
     A file may also answer without waiting (:class:`~cusetpm.daemon.node.DeviceFile` does):
     ``try_write(data, nonblock)``, ``try_read(size)`` and ``try_poll(wake)`` return None,
-    having done nothing, when the call would wait; the loop then runs the async method.
+    having done nothing, when the call would wait; the loop then runs the async method.  And
+    ``poll_after_work(wake, reply)`` / ``read_after_work(size, reply)`` may take a call that
+    waits only for the file's O_NONBLOCK command, and answer it through ``reply`` when that
+    ends (True), instead of a task waiting for it.
     """
 
     async def write(self, data: bytes, nonblock: bool) -> int: ...
@@ -204,7 +210,8 @@ class Channel:
             except OSError as e:
                 out = proto.reply_error(req.unique, _errno_of(e))
             if out is not None:
-                self.send(out)
+                if out:
+                    self.send(out)
             else:
                 # Registered before the task starts, so an interrupt that follows
                 # at once still finds it.
@@ -226,21 +233,41 @@ class Channel:
             self.send(out)
 
     def fast(self, req: proto.Read | proto.Write | proto.Poll) -> bytes | None:
-        """The reply if the file can answer without waiting, else None."""
+        """The reply if the file can answer without waiting; b"" if the file will answer
+        when its O_NONBLOCK command ends (a poll or read waiting only for it); else None."""
         f = self.files.get(req.fh)
         if f is None:
             return None  # the task answers EBADF
+        unique = req.unique
         if isinstance(req, proto.Read):
             try_read = getattr(f, "try_read", None)
             data = try_read(req.size) if try_read is not None else None
-            return None if data is None else proto.reply_read(req.unique, data)
+            if data is not None:
+                return proto.reply_read(unique, data)
+            read_after_work = getattr(f, "read_after_work", None)
+
+            def reply_read(data: bytes | OSError) -> None:
+                if isinstance(data, OSError):
+                    self.send(proto.reply_error(unique, _errno_of(data)))
+                else:
+                    self.send(proto.reply_read(unique, data))
+
+            return b"" if read_after_work is not None and read_after_work(req.size, reply_read) else None
         if isinstance(req, proto.Write):
             try_write = getattr(f, "try_write", None)
             n = try_write(req.data, req.nonblock) if try_write is not None else None
-            return None if n is None else proto.reply_write(req.unique, n)
+            return None if n is None else proto.reply_write(unique, n)
+        wake = self.waker(req.kh) if req.schedule_notify else None
         try_poll = getattr(f, "try_poll", None)
-        mask = try_poll(self.waker(req.kh) if req.schedule_notify else None) if try_poll is not None else None
-        return None if mask is None else proto.reply_poll(req.unique, mask)
+        mask = try_poll(wake) if try_poll is not None else None
+        if mask is not None:
+            return proto.reply_poll(unique, mask)
+        poll_after_work = getattr(f, "poll_after_work", None)
+
+        def reply_poll(mask: int) -> None:
+            self.send(proto.reply_poll(unique, mask))
+
+        return b"" if poll_after_work is not None and poll_after_work(wake, reply_poll) else None
 
     def open_now(self, req: proto.Open) -> bytes:
         try:
