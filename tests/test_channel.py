@@ -355,3 +355,38 @@ def test_the_default_spin_is_the_configs() -> None:
     from cusetpm.tenants.config import DEFAULT_SPIN_US
 
     assert DEFAULT_SPIN == DEFAULT_SPIN_US / 1e6
+
+
+def test_without_spinning_an_idle_loop_reads_once_per_request() -> None:
+    """spin 0: the loop finds the channel empty once, then sleeps until a request comes; it
+    does not read again before sleeping (each read of /dev/fuse is a syscall)."""
+    reads: list[str] = []
+
+    class Counting(Server):
+        def read_now(self) -> bytes:
+            try:
+                buf = super().read_now()
+            except BlockingIOError:
+                reads.append("empty")
+                raise
+            reads.append("request")
+            return buf
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        with ours, theirs:
+            server = Counting(ours.fileno(), FastFile)
+            server.spin = 0
+            async with trio.open_nursery() as n:
+                n.start_soon(server.request_loop, n)
+                sock = trio.socket.from_stdlib_socket(theirs)
+                for unique in (2, 4, 6):
+                    await trio.sleep(0.02)  # the loop is asleep
+                    error, _ = await call(sock, p.Opcode.OPEN, struct.pack("=II", os.O_RDWR, 0), unique)
+                    assert error == 0
+                await trio.sleep(0.02)
+                n.cancel_scope.cancel()
+        assert reads == ["empty"] + ["request", "empty"] * 3
+
+    trio.run(main)

@@ -109,14 +109,17 @@ class Channel:
         n = os.readv(self.fd, [self._buf])
         return bytes(self._view[:n])
 
-    async def read_request(self) -> bytes | None:
-        """One request; None once the kernel tore the channel down."""
+    async def read_request(self, wait_first: bool = False) -> bytes | None:
+        """One request; None once the kernel tore the channel down.  ``wait_first``: the
+        channel was just found empty, so wait before reading (one read() less)."""
         while True:
+            if wait_first:
+                assert self.fd is not None
+                await trio.lowlevel.wait_readable(self.fd)
+            wait_first = True
             try:
                 buf = self.read_now()
             except BlockingIOError:
-                assert self.fd is not None
-                await trio.lowlevel.wait_readable(self.fd)
                 continue
             except OSError as e:
                 if e.errno in (errno.ENODEV, errno.ECONNABORTED, errno.EBADF):
@@ -154,7 +157,7 @@ class Channel:
                 burst = 0
                 buf = await self.spin_read() if self.spin > 0 else None
                 if buf is None:
-                    buf = await self.read_request()  # waits (a checkpoint)
+                    buf = await self.read_request(wait_first=True)  # a checkpoint
             except OSError:
                 buf = await self.read_request()  # it sorts the errors out
             if not buf:
