@@ -148,7 +148,9 @@ class Daemon:
             )
 
 
-def _start(base: Path, kernel: str, extra_args: Sequence[str], inspectable: bool, verbose: bool) -> Daemon:
+def _start(
+    base: Path, kernel: str, extra_args: Sequence[str], inspectable: bool, verbose: bool, started: list[Daemon]
+) -> Daemon:
     base.mkdir(parents=True, exist_ok=True)
     mount, state, log_path = base / "mnt", base / "state", base / "daemon.log"
     args = ["--fuse", str(mount), "--kernel", kernel]
@@ -172,28 +174,16 @@ def _start(base: Path, kernel: str, extra_args: Sequence[str], inspectable: bool
             mux.close()
         pytest.fail(failure)
     d = Daemon(served, mount, mount / "tpmrm0", state, kernel, mux=mux)
-    try:
-        assert served.node == d.node, f"cusetpm serves {served.node}, not {d.node}"
-        text = d.log()
-        m = _SWTPM_LINE.search(text)
-        if m:
-            d.swtpm_pid, d.swtpm_port = int(m.group(1)), int(m.group(2))
-        elif not inspectable and verbose and "--tcti" not in extra_args:
-            pytest.fail(f"no 'started swtpm' line in the log of cusetpm -v:\n{text}")
-        assert os.path.exists(d.node), f"{d.node} does not exist although cusetpm says it serves it"
-    except BaseException:
-        # The fixture never gets this daemon: stop it here, or it stays mounted with its swtpm.
-        _stop_after_failed_start(d)
-        raise
+    started.append(d)  # from here on the fixture's teardown stops it, whatever fails below
+    assert served.node == d.node, f"cusetpm serves {served.node}, not {d.node}"
+    text = d.log()
+    m = _SWTPM_LINE.search(text)
+    if m:
+        d.swtpm_pid, d.swtpm_port = int(m.group(1)), int(m.group(2))
+    elif not inspectable and verbose and "--tcti" not in extra_args:
+        pytest.fail(f"no 'started swtpm' line in the log of cusetpm -v:\n{text}")
+    assert os.path.exists(d.node), f"{d.node} does not exist although cusetpm says it serves it"
     return d
-
-
-def _stop_after_failed_start(d: Daemon) -> None:
-    d.served.stop(signal.SIGTERM, STOP_TIMEOUT)  # it unmounts what a killed daemon left
-    if d.served.killed:
-        _kill_swtpms(d.state_dir)
-    if d.mux is not None:
-        d.mux.close()
 
 
 StartDaemon = Callable[..., Daemon]
@@ -207,9 +197,7 @@ def daemon(tmp_path: Path) -> Iterator[StartDaemon]:
     def start(
         kernel: str = "6.12", extra_args: Sequence[str] = (), *, inspectable: bool = False, verbose: bool = True
     ) -> Daemon:
-        d = _start(tmp_path / f"daemon{len(started)}", kernel, extra_args, inspectable, verbose)
-        started.append(d)
-        return d
+        return _start(tmp_path / f"daemon{len(started)}", kernel, extra_args, inspectable, verbose, started)
 
     yield start
     try:
