@@ -5,12 +5,13 @@ that gives the chip up while a command waits."""
 from __future__ import annotations
 
 import trio
+from tpm2_pytss.constants import TPM2_CC
 
 from cusetpm.backends import managed_swtpm
 from cusetpm.daemon import Node, Opener, TpmChip
 from cusetpm.kernel import wire
 from cusetpm.kernel.profiles import PROFILES
-from cusetpm.kernel.request import Io, Wait
+from cusetpm.kernel.request import Io, Sleep, Wait
 from cusetpm.kernel.seam import Seam
 from cusetpm.kernel.structs import Chip, Space
 from helpers import create_primary, get_cap_handles, get_random, handles_of, rc
@@ -103,3 +104,39 @@ def test_wait_times_out_without_a_signal(tmp_path):
         assert rc(await cmd(f, get_random())) == 0
 
     run_with_chip(tmp_path, body)
+
+
+def test_shutdown_lets_every_queued_o_nonblock_command_run_to_its_end(tmp_path):
+    """The worker runs shielded: cancelling serve() while it runs one command, with another
+    queued, still runs both to their end (and close flushes what they made)."""
+
+    class Slow(Seam):
+        def __init__(self) -> None:
+            self.log: list[str] = []
+
+        def before_command(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
+            yield Sleep(0.2)
+            self.log.append(f"{wire.be32(buf, 6):#x} slept")
+            return 0
+
+    async def main() -> None:
+        slow = Slow()
+        async with managed_swtpm(tmp_path / "state") as backend:
+            chip = TpmChip(backend)
+            await chip.register()
+            node = Node(chip, PROFILES["6.12"], seam=slow)
+            f, g = node.open(), node.open()
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(chip.serve)
+                assert await f.write(create_primary(), True) == len(create_primary())
+                assert await g.write(get_random(8), True) == len(get_random(8))
+                await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()  # while f's command sleeps, g's queued
+            assert trio.current_time() - start >= 0.4
+            assert slow.log == [f"{int(TPM2_CC.CreatePrimary):#x} slept", f"{wire.CC_GET_RANDOM:#x} slept"]
+            assert not chip.files  # serve() closed both files
+            rsp = await backend.transmit(get_cap_handles(), 5)
+            assert isinstance(rsp, bytes) and handles_of(rsp) == []  # nothing left in the TPM
+
+    trio.run(main)
