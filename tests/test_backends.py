@@ -54,6 +54,71 @@ def test_timeout_is_etime_and_the_stream_recovers():
     listener.close()
 
 
+def test_under_its_watch_a_late_answer_is_etime_and_the_next_connection_answers():
+    """With ``watch()`` running (as the chip runs it), an exchange times out without a cancel
+    scope of its own: -ETIME after its timeout, and the next command gets a new connection."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    answer = bytes.fromhex("80010000000a00000000")
+
+    def second_connection_answers() -> None:
+        silent, _ = listener.accept()
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(answer)
+        conn.close()
+        silent.close()
+
+    async def main():
+        backend = SocketBackend("127.0.0.1", listener.getsockname()[1])
+        await backend.connect()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.watch)
+            nursery.start_soon(trio.to_thread.run_sync, second_connection_answers)
+            await trio.sleep(0.01)
+            start = trio.current_time()
+            with trio.fail_after(5):
+                assert await backend.transmit(get_random(), 0.2) == -errno.ETIME  # nobody answers
+            assert 0.2 <= trio.current_time() - start < 2
+            await backend.connect()
+            assert await backend.transmit(get_random(), 2) == answer
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    listener.close()
+
+
+def test_an_exchange_in_flight_when_the_watch_stops_still_times_out():
+    """At shutdown the chip's tasks are cancelled, the watch too: the exchange it was timing
+    (a queued command still runs to its end) keeps its deadline instead of waiting for ever."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    async def main():
+        backend = SocketBackend("127.0.0.1", listener.getsockname()[1])
+        await backend.connect()
+        results = []
+
+        async def command():
+            results.append(await backend.transmit(get_random(), 0.3))
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as outer:
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(backend.watch)
+                    await trio.sleep(0.01)
+                    outer.start_soon(command)
+                    await trio.sleep(0.05)
+                    watching.cancel_scope.cancel()
+        assert results == [-errno.ETIME]
+        assert await backend.transmit(get_random(), 0.1) == -errno.ETIME  # its own scope now
+
+    trio.run(main)
+    listener.close()
+
+
 def test_short_frames_are_answered_command_size():
     assert be32(unframeable(b"\x80\x01\x00\x00\x00\x07\x00"), 6) == 0x142
     assert unframeable(get_random()) is None

@@ -5,6 +5,9 @@
 errno as a kernel TPM driver would report it: ``-ETIME`` when the TPM does not answer within
 the command's duration, ``-EPIPE`` when the TPM has gone away (the daemon then calls
 ``reconnect()`` until it is back), ``-EIO`` for other transport failures.  Nothing a backend does blocks the event loop.
+
+A backend may also offer ``async watch()``, a task the chip runs while it serves, which times
+the exchanges out for it (:class:`.socket.SocketBackend`: cheaper than a cancel scope each).
 """
 
 from __future__ import annotations

@@ -281,6 +281,9 @@ class TpmChip:
                 self._nursery = nursery
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._worker)
+                watch = getattr(self.backend, "watch", None)  # a backend's own timeout task
+                if watch is not None:
+                    nursery.start_soon(watch)
                 task_status.started()
                 try:
                     await trio.sleep_forever()
