@@ -140,3 +140,29 @@ def test_shutdown_lets_every_queued_o_nonblock_command_run_to_its_end(tmp_path):
             assert isinstance(rsp, bytes) and handles_of(rsp) == []  # nothing left in the TPM
 
     trio.run(main)
+
+
+def test_a_blocking_command_runs_to_its_end_when_its_caller_is_cancelled(tmp_path):
+    """Outside the worker (a blocking write runs its command in the caller's task), the chip
+    lock comes with a shield: a cancelled caller (FUSE_INTERRUPT) still gets its command run
+    to its end, and its response."""
+
+    class Slow(Seam):
+        def __init__(self) -> None:
+            self.log: list[str] = []
+
+        def before_command(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
+            yield Sleep(0.2)
+            self.log.append("slept")
+            return 0
+
+    async def body(chip: TpmChip) -> None:
+        slow = Slow()
+        f = Node(chip, PROFILES["6.12"], seam=slow).open()
+        with trio.move_on_after(0.05):
+            await f.write(create_primary(), False)
+        assert slow.log == ["slept"]
+        rsp = await f.read(4096)
+        assert rc(rsp) == 0 and wire.be32(rsp, 10) == 0x80FFFFFF
+
+    run_with_chip(tmp_path, body)
