@@ -52,6 +52,7 @@ def errno_of(fn: Callable[[], object]) -> int:
     try:
         fn()
     except OSError as exc:
+        assert exc.errno is not None
         return exc.errno
     return 0
 

@@ -65,7 +65,7 @@ class Gate(Seam):
         if wire.be32(buf, 6) == wire.CC_GET_RANDOM:
             self.log.append("wait")
             woken = yield Wait("open", 10)
-            self.log.append(f"woken={woken}")
+            self.log.append(f"woken={woken!r}")
         else:
             self.log.append("signal")
             chip.signal("open")

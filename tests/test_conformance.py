@@ -354,7 +354,7 @@ def test_pyfuse3_differences_apply_only_to_the_pyfuse3_node() -> None:
     """O_NONBLOCK set by fcntl is lost by pyfuse3 only; FUSE's own differences apply to both."""
     assert node_label("fuse", ["--fuse-lib=pyfuse3"]) == node_label("fuse", ["--fuse-lib", "pyfuse3"]) == "pyfuse3"
     assert node_label("fuse", ["--swap", "lazy"]) == "fuse" and node_label("cuse", ["--fuse-lib=pyfuse3"]) == "cuse"
-    ops = ("open a", "setfl a nonblock", "cmd a 173 80ffffff")
+    ops: tuple[str, ...] = ("open a", "setfl a nonblock", "cmd a 173 80ffffff")
     k, o = _tr("ok", "ok", "14", ops=ops), _tr("ok", "ok", "EINVAL", ops=ops)
     assert diff_transcripts("6.12", "pyfuse3", "setfl-nonblock-switch", k, o).identical
     assert not diff_transcripts("6.12", "fuse", "setfl-nonblock-switch", k, o).identical

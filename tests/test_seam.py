@@ -110,7 +110,7 @@ def test_kernel_seam_is_the_default():
 
 def test_run_sync_dispatches_every_kind():
     def gen() -> Io[list[object]]:
-        got = [(yield Send(b"x" * 10, 1.0)), (yield Sleep(5)), (yield Wait("slot", 5))]
+        got: list[object] = [(yield Send(b"x" * 10, 1.0)), (yield Sleep(5)), (yield Wait("slot", 5))]
         return got
 
     assert run_sync(gen(), lambda req: b"r" * 10) == [b"r" * 10, None, False]

@@ -30,6 +30,7 @@ def _workload(rig: Rig) -> tuple[SyncFile, int, list[int]]:
         try:
             out.append(rc(b.cmd(get_random(8))))
         except OSError as exc:
+            assert exc.errno is not None
             out.append(-exc.errno)
     return a, ha, out
 

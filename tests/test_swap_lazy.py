@@ -33,7 +33,7 @@ Step = tuple[str, Callable[[], bytes]]
 
 def shape(rsp: bytes, cmd: bytes) -> tuple[int, ...]:
     """What does not depend on TPM randomness: rc, length, and a returned (virtual) handle."""
-    out = (rc(rsp), len(rsp))
+    out: tuple[int, ...] = (rc(rsp), len(rsp))
     cc = wire.be32(cmd, 6)
     if rc(rsp) == 0 and cc in (0x131, 0x176, 0x161):  # CreatePrimary, StartAuthSession, ContextLoad
         out += (wire.be32(rsp, 10),)
