@@ -116,52 +116,45 @@ class SocketBackend:
         short = unframeable(data)
         if short is not None:
             return short
-        watch = self._watch_scope
-        if watch is not None and self._sock is not None:
-            return await self._transmit_watched(data, timeout, watch)
         try:
-            with trio.fail_after(timeout):
-                if self._sock is None:
-                    await self.connect()
-                rsp = await self._exchange(data)
-            return self._checked(rsp)
+            watch = self._watch_scope
+            if watch is not None and self._sock is not None:
+                rsp = await self._watched_exchange(data, timeout, watch)
+            else:
+                with trio.fail_after(timeout):
+                    if self._sock is None:
+                        await self.connect()
+                    rsp = await self._exchange(data)
+            if len(rsp) != be32(rsp, 2):
+                # More bytes than the header's size (or a size below the header's): whatever
+                # follows on the stream is not the next response.  Start a new connection.
+                self._drop()
+            return rsp
         except trio.TooSlowError:
             # The late answer would desynchronize the stream: start a new connection.
             self._drop()
             return -errno.ETIME
-        except (OSError, BackendError, EOFError) as exc:
+        except (OSError, BackendError, EOFError, trio.ClosedResourceError) as exc:
             log.warning("TPM transport error: %s", exc)
             self._drop()
             return -errno.EPIPE
 
-    async def _transmit_watched(self, data: bytes, timeout: float, watch: trio.CancelScope) -> bytes | int:
-        """:meth:`transmit` on a connected socket while :meth:`watch` runs."""
+    async def _watched_exchange(self, data: bytes, timeout: float, watch: trio.CancelScope) -> bytes:
+        """:meth:`_exchange` timed by :meth:`watch`: TooSlowError once its deadline passed, as
+        under ``fail_after`` (even if the answer came just as it did)."""
         deadline = trio.current_time() + timeout
-        self._deadline = deadline
+        self._deadline, self._timed_out = deadline, False
         if deadline < watch.deadline:  # else the watch wakes earlier, and sleeps on to this one
             watch.deadline = deadline
-        failure: BaseException | None = None
         try:
             rsp = await self._exchange(data)
-        except (OSError, EOFError, trio.ClosedResourceError) as exc:
-            failure = exc
+        except (OSError, EOFError, trio.ClosedResourceError):
+            if not self._timed_out:  # woken by the watch: ClosedResourceError
+                raise
         finally:
             self._deadline = math.inf
-        if self._timed_out:  # even if the answer came as the deadline passed, as fail_after
-            self._timed_out = False
-            self._drop()
-            return -errno.ETIME
-        if failure is not None:
-            log.warning("TPM transport error: %s", failure)
-            self._drop()
-            return -errno.EPIPE
-        return self._checked(rsp)
-
-    def _checked(self, rsp: bytes) -> bytes:
-        if len(rsp) != be32(rsp, 2):
-            # More bytes than the header's size (or a size below the header's): whatever
-            # follows on the stream is not the next response.  Start a new connection.
-            self._drop()
+        if self._timed_out:
+            raise trio.TooSlowError
         return rsp
 
     async def _exchange(self, data: bytes) -> bytes:
