@@ -60,6 +60,7 @@ def test_under_its_watch_a_late_answer_is_etime_and_the_next_connection_answers(
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
+    listener.settimeout(5)  # the thread ends even if the test fails
     answer = bytes.fromhex("80010000000a00000000")
 
     def second_connection_answers() -> None:

@@ -106,18 +106,21 @@ def test_wait_times_out_without_a_signal(tmp_path):
     run_with_chip(tmp_path, body)
 
 
+class Slow(Seam):
+    """Every command sleeps 0.2 s holding the chip, then notes its command code."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def before_command(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
+        yield Sleep(0.2)
+        self.log.append(f"{wire.be32(buf, 6):#x} slept")
+        return 0
+
+
 def test_shutdown_lets_every_queued_o_nonblock_command_run_to_its_end(tmp_path):
     """The worker runs shielded: cancelling serve() while it runs one command, with another
     queued, still runs both to their end (and close flushes what they made)."""
-
-    class Slow(Seam):
-        def __init__(self) -> None:
-            self.log: list[str] = []
-
-        def before_command(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
-            yield Sleep(0.2)
-            self.log.append(f"{wire.be32(buf, 6):#x} slept")
-            return 0
 
     async def main() -> None:
         slow = Slow()
@@ -147,21 +150,12 @@ def test_a_blocking_command_runs_to_its_end_when_its_caller_is_cancelled(tmp_pat
     lock comes with a shield: a cancelled caller (FUSE_INTERRUPT) still gets its command run
     to its end, and its response."""
 
-    class Slow(Seam):
-        def __init__(self) -> None:
-            self.log: list[str] = []
-
-        def before_command(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
-            yield Sleep(0.2)
-            self.log.append("slept")
-            return 0
-
     async def body(chip: TpmChip) -> None:
         slow = Slow()
         f = Node(chip, PROFILES["6.12"], seam=slow).open()
         with trio.move_on_after(0.05):
             await f.write(create_primary(), False)
-        assert slow.log == ["slept"]
+        assert slow.log == [f"{int(TPM2_CC.CreatePrimary):#x} slept"]
         rsp = await f.read(4096)
         assert rc(rsp) == 0 and wire.be32(rsp, 10) == 0x80FFFFFF
 
