@@ -287,12 +287,12 @@ def test_the_rig_reports_boot_run_and_markers_as_the_guest_writes_them(tmp_path:
 
     progress._REPORTER.note = note  # type: ignore[method-assign]
     try:
-        timed_out, stage = _wait_reporting(proc, 30, "6.1", "n0nce", console, output)
+        timed_out, began, stage = _wait_reporting(proc, 30, "6.1", "n0nce", console, output)
     finally:
         del progress._REPORTER.note
     end = time.monotonic()
     stage.finish()
-    assert not timed_out
+    assert not timed_out and began
     out = lines(buf)
     assert out[0] == "cusetpm: [6.1] booting the guest ..."
     assert re.fullmatch(rf"cusetpm: \[6\.1\] booting the guest: {DONE}", out[1])
@@ -312,11 +312,11 @@ def test_the_rig_times_out_with_the_stage_open(tmp_path: Path):
     progress.configure(stream=buf)
     proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
-        timed_out, stage = _wait_reporting(proc, 0.5, "6.12", "x", tmp_path / "c", tmp_path / "o")
+        timed_out, began, stage = _wait_reporting(proc, 0.5, "6.12", "x", tmp_path / "c", tmp_path / "o")
     finally:
         _kill(proc)
     stage.finish(ok=False)
-    assert timed_out
+    assert timed_out and not began
     assert re.fullmatch(r"cusetpm: \[6\.12\] booting the guest: failed after \d+\.\d s", lines(buf)[-1])
 
 

@@ -131,6 +131,68 @@ def test_missing_sentinel_is_an_error():
         rig.run_in_guest("6.1", "echo o > /proc/sysrq-trigger; sleep 60", timeout=300)
 
 
+def _panicking_boots(monkeypatch: pytest.MonkeyPatch, how_many: int) -> tuple[list[int], io.StringIO]:
+    """Make the first `how_many` boots' kernels panic before /init runs (an /init that
+    does not exist: "VFS: Unable to mount root fs"), as an int3 oops under TCG does now
+    and then.  Returns (one entry per boot, the rig's progress lines); the caller puts
+    progress back with ``progress.configure()``."""
+    from cusetpm.rig import qemu
+
+    real = qemu._qemu_argv
+    calls: list[int] = []
+
+    def argv(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= how_many:
+            kwargs["append_extra"] = "rdinit=/no-such-init"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qemu, "_qemu_argv", argv)
+    lines = io.StringIO()
+    progress.configure(stream=lines)
+    return calls, lines
+
+
+def test_a_kernel_that_panics_while_booting_is_booted_again(monkeypatch):
+    calls, lines = _panicking_boots(monkeypatch, 1)
+    try:
+        res = rig.run_in_guest("6.12", "echo ran-once", timeout=300)
+        said = lines.getvalue()
+    finally:
+        progress.configure()
+    assert (res.returncode, res.output.strip(), res.boots, len(calls)) == (0, "ran-once", 2, 2), res.console[-3000:]
+    assert "the guest kernel panicked while booting (Kernel panic - not syncing: VFS: Unable to mount root fs" in said
+    assert "booting again" in said
+
+
+def test_a_kernel_that_panics_at_every_boot_fails_after_the_last_attempt(monkeypatch):
+    calls, _ = _panicking_boots(monkeypatch, 99)
+    try:
+        with pytest.raises(rig.RigError) as info:
+            rig.run_in_guest("6.1", "echo never", timeout=300)
+    finally:
+        progress.configure()
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(
+        f"rig: the guest kernel panicked before the command began, in all {rig.BOOT_ATTEMPTS} boots"
+    )
+    assert "Unable to mount root fs" in first
+    assert len(calls) == rig.BOOT_ATTEMPTS == 3
+    assert "console tail" in str(info.value)
+
+
+def test_a_panic_after_the_command_began_is_not_booted_again(monkeypatch):
+    # The command ran (it may have done something): its crash is its result, once.
+    calls, _ = _panicking_boots(monkeypatch, 0)
+    try:
+        with pytest.raises(rig.RigError, match="no exit-status sentinel") as info:
+            rig.run_in_guest("6.12", "echo c > /proc/sysrq-trigger; sleep 60", timeout=300)
+    finally:
+        progress.configure()
+    assert len(calls) == 1
+    assert "Kernel panic - not syncing: sysrq triggered crash" in str(info.value)
+
+
 def _procs_mentioning(text: str) -> list[str]:
     found = []
     for pid in os.listdir("/proc"):

@@ -38,9 +38,10 @@ from __future__ import annotations
 from .initramfs import build_initramfs
 from .kernels import GUEST_MODULES, KERNELS, KernelFiles, RigError, cache_dir, ensure_kernel, module_load_order
 from .prelude import guest_swtpm_prelude
-from .qemu import GuestResult, run_in_guest, run_interactive
+from .qemu import BOOT_ATTEMPTS, GuestResult, run_in_guest, run_interactive
 
 __all__ = [
+    "BOOT_ATTEMPTS",
     "KERNELS",
     "GuestResult",
     "KernelFiles",
