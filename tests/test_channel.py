@@ -7,11 +7,12 @@ A fake kernel on an AF_UNIX SOCK_SEQPACKET pair (message boundaries, as /dev/fus
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
@@ -102,12 +103,18 @@ async def call(sock: trio.socket.SocketType, opcode: int, body: bytes, unique: i
     return error, data[p.OUT_HEADER.size :]
 
 
+@contextlib.contextmanager
+def served(make: Callable[[], FileOps], cls: type[Server] = Server) -> Iterator[tuple[Server, socket.socket]]:
+    """A channel of class `cls` on one end of a socketpair (the kernel's side is the other)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    with ours, theirs:
+        yield cls(ours.fileno(), make), theirs
+
+
 def run(make: Callable[[], FileOps], body: Body) -> None:
     async def main() -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        with ours, theirs:
-            server = Server(ours.fileno(), make)
+        with served(make) as (server, theirs):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.request_loop, nursery)
                 await body(trio.socket.from_stdlib_socket(theirs), server)
@@ -326,10 +333,7 @@ def test_the_loop_spins_for_the_next_request_then_sleeps() -> None:
     in time is None (the loop then waits as before)."""
 
     async def main() -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        with ours, theirs:
-            server = Server(ours.fileno(), FastFile)
+        with served(FastFile) as (server, theirs):
             server.spin = 0.5
             request = p.build_request(p.Opcode.FLUSH, 2, p.FLUSH_IN.pack(1, 0, 0, 0))
 
@@ -373,10 +377,7 @@ def test_without_spinning_an_idle_loop_reads_once_per_request() -> None:
             return buf
 
     async def main() -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        with ours, theirs:
-            server = Counting(ours.fileno(), FastFile)
+        with served(FastFile, Counting) as (server, theirs):
             server.spin = 0
             async with trio.open_nursery() as n:
                 n.start_soon(server.request_loop, n)
