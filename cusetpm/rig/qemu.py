@@ -257,7 +257,8 @@ def run_in_guest(
     kernel = ensure_kernel(version)
     share = _check_share(share)
     _reap_stale_tempdirs()
-    for boot in range(1, BOOT_ATTEMPTS + 1):
+    boot = 1
+    while True:
         try:
             res = _boot_once(kernel, command, timeout, env, share)
         except _PanickedBeforeCommand as exc:
@@ -266,10 +267,10 @@ def run_in_guest(
                     f"rig: the guest kernel panicked before the command began, in all {boot} boots ({exc.panic})\n{exc}"
                 ) from None
             progress.note(f"[{version}] the guest kernel panicked while booting ({exc.panic}); booting again")
+            boot += 1
             continue
         res.boots = boot
         return res
-    raise AssertionError("unreachable")
 
 
 class _PanickedBeforeCommand(RigError):
