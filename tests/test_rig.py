@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -131,65 +133,64 @@ def test_missing_sentinel_is_an_error():
         rig.run_in_guest("6.1", "echo o > /proc/sysrq-trigger; sleep 60", timeout=300)
 
 
-def _panicking_boots(monkeypatch: pytest.MonkeyPatch, how_many: int) -> tuple[list[int], io.StringIO]:
-    """Make the first `how_many` boots' kernels panic before /init runs (an /init that
-    does not exist: "VFS: Unable to mount root fs"), as an int3 oops under TCG does now
-    and then.  Returns (one entry per boot, the rig's progress lines); the caller puts
-    progress back with ``progress.configure()``."""
+@dataclass
+class Boots:
+    """What `panicking` records: one entry per boot, and the rig's progress lines."""
+
+    panics: int = 0  # how many of the first boots panic before /init runs
+    calls: list[int] = field(default_factory=list)
+    lines: io.StringIO = field(default_factory=io.StringIO)
+
+
+@pytest.fixture
+def panicking(monkeypatch: pytest.MonkeyPatch) -> Iterator[Boots]:
+    """The first `panics` boots' kernels panic before /init runs (an /init that does not
+    exist: "VFS: Unable to mount root fs"), as an int3 oops under TCG does now and then."""
     from cusetpm.rig import qemu
 
     real = qemu._qemu_argv
-    calls: list[int] = []
+    boots = Boots()
 
     def argv(*args, **kwargs):
-        calls.append(1)
-        if len(calls) <= how_many:
+        boots.calls.append(1)
+        if len(boots.calls) <= boots.panics:
             kwargs["append_extra"] = "rdinit=/no-such-init"
         return real(*args, **kwargs)
 
     monkeypatch.setattr(qemu, "_qemu_argv", argv)
-    lines = io.StringIO()
-    progress.configure(stream=lines)
-    return calls, lines
+    progress.configure(stream=boots.lines)
+    yield boots
+    progress.configure()
 
 
-def test_a_kernel_that_panics_while_booting_is_booted_again(monkeypatch):
-    calls, lines = _panicking_boots(monkeypatch, 1)
-    try:
-        res = rig.run_in_guest("6.12", "echo ran-once", timeout=300)
-        said = lines.getvalue()
-    finally:
-        progress.configure()
-    assert (res.returncode, res.output.strip(), res.boots, len(calls)) == (0, "ran-once", 2, 2), res.console[-3000:]
+def test_a_kernel_that_panics_while_booting_is_booted_again(panicking):
+    panicking.panics = 1
+    res = rig.run_in_guest("6.12", "echo ran-once", timeout=300)
+    said = panicking.lines.getvalue()
+    got = (res.returncode, res.output.strip(), res.boots, len(panicking.calls))
+    assert got == (0, "ran-once", 2, 2), _explain(res)
     assert "the guest kernel panicked while booting (Kernel panic - not syncing: VFS: Unable to mount root fs" in said
     assert "booting again" in said
 
 
-def test_a_kernel_that_panics_at_every_boot_fails_after_the_last_attempt(monkeypatch):
-    calls, _ = _panicking_boots(monkeypatch, 99)
-    try:
-        with pytest.raises(rig.RigError) as info:
-            rig.run_in_guest("6.1", "echo never", timeout=300)
-    finally:
-        progress.configure()
+def test_a_kernel_that_panics_at_every_boot_fails_after_the_last_attempt(panicking):
+    panicking.panics = 99
+    with pytest.raises(rig.RigError) as info:
+        rig.run_in_guest("6.1", "echo never", timeout=300)
     first = str(info.value).splitlines()[0]
     assert first.startswith(
         f"rig: the guest kernel panicked before the command began, in all {rig.BOOT_ATTEMPTS} boots"
     )
     assert "Unable to mount root fs" in first
-    assert len(calls) == rig.BOOT_ATTEMPTS == 3
+    assert len(panicking.calls) == rig.BOOT_ATTEMPTS == 3
     assert "console tail" in str(info.value)
 
 
-def test_a_panic_after_the_command_began_is_not_booted_again(monkeypatch):
+def test_a_panic_after_the_command_began_is_not_booted_again(panicking):
     # The command ran (it may have done something): its crash is its result, once.
-    calls, _ = _panicking_boots(monkeypatch, 0)
-    try:
-        with pytest.raises(rig.RigError, match="no exit-status sentinel") as info:
-            rig.run_in_guest("6.12", "echo c > /proc/sysrq-trigger; sleep 60", timeout=300)
-    finally:
-        progress.configure()
-    assert len(calls) == 1
+    with pytest.raises(rig.RigError, match="no exit-status sentinel") as info:
+        rig.run_in_guest("6.12", "echo c > /proc/sysrq-trigger; sleep 60", timeout=300)
+    assert len(panicking.calls) == 1
     assert "Kernel panic - not syncing: sysrq triggered crash" in str(info.value)
 
 
