@@ -14,6 +14,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterator
 
+import pytest
 import trio
 
 from cusetpm.frontends import cuse_proto as p
@@ -154,6 +155,33 @@ def test_what_needs_no_waiting_is_answered_in_the_loop() -> None:
             assert await sock.recv(1 << 16) == p.notify_poll(77)
 
     run(FastFile, body)
+
+
+def test_reads_and_polls_it_can_answer_build_no_request_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four of a command's five requests are reads and polls: the loop answers those straight
+    from their bytes (cuse_proto.parse_read_or_poll), never through parse_request()."""
+    parsed: list[int] = []
+    real = p.parse_request
+
+    def counting(buf: bytes) -> p.Request:
+        req = real(buf)
+        parsed.append(req.header.opcode)
+        return req
+
+    monkeypatch.setattr(p, "parse_request", counting)
+
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        error, out = await call(sock, p.Opcode.WRITE, write_in(fh, b"abc", os.O_RDWR | os.O_NONBLOCK), 4)
+        assert (error, p.WRITE_OUT.unpack(out)[0]) == (0, 3)
+        error, out = await call(sock, p.Opcode.POLL, p.POLL_IN.pack(fh, 77, p.FUSE_POLL_SCHEDULE_NOTIFY, 1), 6)
+        assert (error, p.POLL_OUT.unpack(out)[0]) == (0, 1)
+        assert await call(sock, p.Opcode.READ, read_in(fh), 8) == (0, b"abc")
+        # An unknown file is no fast-path answer: parsed, and a task answers EBADF.
+        assert await call(sock, p.Opcode.READ, read_in(fh + 1), 10) == (-errno.EBADF, b"")
+
+    run(FastFile, body)
+    assert parsed == [p.Opcode.OPEN, p.Opcode.WRITE, p.Opcode.READ]
 
 
 def test_a_blocking_write_takes_the_slow_path() -> None:

@@ -136,6 +136,25 @@ def test_parse_rejects_truncated_and_mislabelled_buffers() -> None:
         p.parse_request(frame(15, 6, b"\0" * 8))  # body too short for fuse_read_in
 
 
+def test_reads_and_polls_parse_lean_to_the_same_fields() -> None:
+    """parse_read_or_poll() (the request loop's path for reads and polls) gives the fields
+    parse_request() gives, and None for every other request and for malformed ones."""
+    rd = frame(15, 6, struct.pack("=QQIIQII", 3, 0, 4096, 0, 0, os.O_RDWR | os.O_NONBLOCK, 0))
+    pl = frame(40, 8, struct.pack("=QQII", 3, 77, p.FUSE_POLL_SCHEDULE_NOTIFY, select.POLLIN))
+    assert p.parse_read_or_poll(rd) == (15, 6, 3, 4096, os.O_RDWR | os.O_NONBLOCK)
+    assert p.parse_read_or_poll(pl) == (40, 8, 3, 77, p.FUSE_POLL_SCHEDULE_NOTIFY)
+    write = frame(16, 10, struct.pack("=QQIIQII", 3, 0, 24, 0, 0, 0, 0) + bytes(24))  # 88 bytes
+    release = frame(18, 12, struct.pack("=QIIQ", 3, 0, 0, 0))  # 64 bytes, as a poll
+    open_ = frame(14, 14, struct.pack("=II", 0, 0) + bytes(32))  # 80 bytes, as a read
+    zero_unique = frame(15, 0, struct.pack("=QQIIQII", 3, 0, 4096, 0, 0, 0, 0))
+    liar = bytearray(rd)
+    struct.pack_into("=I", liar, 0, 81)  # says 81 bytes
+    trailing = frame(40, 16, struct.pack("=QQII", 3, 77, 0, select.POLLIN) + b"\0")
+    for buf in (write, release, open_, zero_unique, bytes(liar), rd[:-1], trailing):
+        assert p.parse_read_or_poll(buf) is None
+    assert isinstance(p.parse_request(trailing), p.Poll)  # left to parse_request, which takes it
+
+
 def test_reply_cuse_init_layout_and_devname() -> None:
     data = p.reply_cuse_init(2, "tpmrm0", kernel_minor=41, kernel_flags=1, dev_major=10, dev_minor=224)
     info = b"DEVNAME=tpmrm0\0"

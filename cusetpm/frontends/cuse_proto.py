@@ -381,6 +381,34 @@ def parse_request(buf: bytes) -> Request:
     return parse(h, buf)
 
 
+#: FUSE_READ and FUSE_POLL with their fuse_in_header, each unpacked in one call: a command
+#: through a TCTI is five requests, four of them reads and polls (issue 9).
+READ_REQUEST = struct.Struct(IN_HEADER.format + READ_IN.format[1:])
+POLL_REQUEST = struct.Struct(IN_HEADER.format + POLL_IN.format[1:])
+_OP_READ, _OP_POLL = int(Opcode.READ), int(Opcode.POLL)
+
+
+def parse_read_or_poll(buf: bytes) -> tuple[int, int, int, int, int] | None:
+    """``(opcode, unique, fh, size, flags)`` of a FUSE_READ (``flags``: the file's), or
+    ``(opcode, unique, fh, kh, flags)`` of a FUSE_POLL (``flags``: fuse_poll_in's), as
+    :func:`parse_request` would parse them, without building a request; None for anything
+    else, malformed ones included (:func:`parse_request` then says what it is).
+
+    A request's ``length`` is its own size (and each of these has one size), so a read or a
+    poll is known by its length before it is unpacked.
+    """
+    n = len(buf)
+    if n == READ_REQUEST.size:
+        length, opcode, unique, _, _, _, _, _, _, fh, _, size, _, _, flags, _ = READ_REQUEST.unpack_from(buf)
+        if opcode == _OP_READ and length == n and unique:
+            return opcode, unique, fh, size, flags
+    elif n == POLL_REQUEST.size:
+        length, opcode, unique, _, _, _, _, _, _, fh, kh, flags, _ = POLL_REQUEST.unpack_from(buf)
+        if opcode == _OP_POLL and length == n and unique:
+            return opcode, unique, fh, kh, flags
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Replies
 
@@ -459,17 +487,22 @@ def reply_open(unique: int, fh: int, open_flags: int = CUSE_OPEN_FLAGS) -> bytes
 
 def reply_read(unique: int, data: bytes) -> bytes:
     """The FUSE_READ reply: the data itself, fewer bytes than asked means a short read."""
-    return reply(unique, bytes(data))
+    return OUT_HEADER.pack(OUT_HEADER.size + len(data), 0, unique) + data
+
+
+#: fuse_out_header and the op's out struct in one pack (on every command's path).
+_WRITE_REPLY = struct.Struct(OUT_HEADER.format + WRITE_OUT.format[1:])
+_POLL_REPLY = struct.Struct(OUT_HEADER.format + POLL_OUT.format[1:])
 
 
 def reply_write(unique: int, size: int) -> bytes:
     """The FUSE_WRITE reply: how many bytes were accepted."""
-    return reply(unique, WRITE_OUT.pack(size, 0))
+    return _WRITE_REPLY.pack(_WRITE_REPLY.size, 0, unique, size, 0)
 
 
 def reply_poll(unique: int, revents: int) -> bytes:
     """The FUSE_POLL reply: userspace POLL* bits (the kernel converts them)."""
-    return reply(unique, POLL_OUT.pack(revents, 0))
+    return _POLL_REPLY.pack(_POLL_REPLY.size, 0, unique, revents, 0)
 
 
 def notify_poll(kh: int) -> bytes:

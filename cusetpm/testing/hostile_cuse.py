@@ -118,11 +118,23 @@ def hostile_request(rng: random.Random, unique: int, fhs: list[int]) -> bytes:
 
 
 def check_parse(buf: bytes) -> p.Request | None:
-    """parse_request(): a request, or ProtocolError (None here).  Anything else escapes."""
+    """parse_request(): a request, or ProtocolError (None here).  Anything else escapes.  And
+    the request loop's lean parse of reads and polls agrees with it, field for field, or
+    leaves the request to it."""
+    lean = p.parse_read_or_poll(buf)
     try:
-        return p.parse_request(buf)
+        req = p.parse_request(buf)
     except p.ProtocolError:
+        assert lean is None, f"parse_read_or_poll took a malformed request: {lean}"
         return None
+    # A read or poll with bytes after its struct (the kernel sends none) is left to parse_request.
+    if isinstance(req, p.Read):
+        assert lean in (None, (p.Opcode.READ, req.unique, req.fh, req.size, req.flags)), lean
+    elif isinstance(req, p.Poll):
+        assert lean in (None, (p.Opcode.POLL, req.unique, req.fh, req.kh, req.flags)), lean
+    else:
+        assert lean is None, f"parse_read_or_poll took a {type(req).__name__}: {lean}"
+    return req
 
 
 def check_reply(frame: bytes) -> str | None:
