@@ -44,8 +44,6 @@ from . import cuse_proto as proto
 
 log = logging.getLogger(__name__)
 
-READ = int(proto.Opcode.READ)
-
 #: How many requests the loop answers in a row before it lets other tasks run.
 BURST = 16
 #: How long teardown waits for the device to release files the kernel never closed.
@@ -176,7 +174,7 @@ class Channel:
         if hot is not None:
             opcode, unique, fh, arg, flags = hot
             try:
-                if opcode == READ:
+                if opcode == proto.OP_READ:
                     out = self.fast_read(unique, fh, arg)
                 else:
                     out = self.fast_poll(unique, fh, arg, flags)

@@ -385,7 +385,8 @@ def parse_request(buf: bytes) -> Request:
 #: through a TCTI is five requests, four of them reads and polls (issue 9).
 READ_REQUEST = struct.Struct(IN_HEADER.format + READ_IN.format[1:])
 POLL_REQUEST = struct.Struct(IN_HEADER.format + POLL_IN.format[1:])
-_OP_READ, _OP_POLL = int(Opcode.READ), int(Opcode.POLL)
+#: Their opcodes as plain ints (an IntEnum comparison costs more, on every request).
+OP_READ, OP_POLL = int(Opcode.READ), int(Opcode.POLL)
 
 
 def parse_read_or_poll(buf: bytes) -> tuple[int, int, int, int, int] | None:
@@ -400,11 +401,11 @@ def parse_read_or_poll(buf: bytes) -> tuple[int, int, int, int, int] | None:
     n = len(buf)
     if n == READ_REQUEST.size:
         length, opcode, unique, _, _, _, _, _, _, fh, _, size, _, _, flags, _ = READ_REQUEST.unpack_from(buf)
-        if opcode == _OP_READ and length == n and unique:
+        if opcode == OP_READ and length == n and unique:
             return opcode, unique, fh, size, flags
     elif n == POLL_REQUEST.size:
         length, opcode, unique, _, _, _, _, _, _, fh, kh, flags, _ = POLL_REQUEST.unpack_from(buf)
-        if opcode == _OP_POLL and length == n and unique:
+        if opcode == OP_POLL and length == n and unique:
             return opcode, unique, fh, kh, flags
     return None
 
