@@ -288,6 +288,47 @@ def test_a_call_waiting_for_the_files_command_needs_no_task() -> None:
     run(WorkingFile, body)
 
 
+class BlockingFile(FastFile):
+    """A file whose worker runs blocking writes (as DeviceFile's write_after_work) until
+    ``finish()``: the first is answered with its size, the next with EPIPE.  Its async write
+    must never be called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after: list[Callable[[], None]] = []
+
+    def write_after_work(self, data: bytes, reply: Callable[[int | OSError], None]) -> bool:
+        first = not self.after
+        self.after.append(lambda: reply(len(data) if first else OSError(errno.EPIPE, "gone")))
+        return True
+
+    async def write(self, data: bytes, nonblock: bool) -> int:
+        raise AssertionError("the worker should have answered")
+
+    def finish(self) -> None:
+        for then in self.after:
+            then()
+
+
+def test_a_blocking_write_the_worker_runs_needs_no_task() -> None:
+    async def body(sock: trio.socket.SocketType, server: Server) -> None:
+        fh = await open_file(sock)
+        await sock.send(p.build_request(p.Opcode.WRITE, 4, write_in(fh, b"abcdef")))
+        await sock.send(p.build_request(p.Opcode.WRITE, 6, write_in(fh, b"gh")))
+        await trio.sleep(0.05)
+        assert server.inflight == {}  # no task waits for them
+        with pytest.raises(trio.TooSlowError), trio.fail_after(0.05):
+            await sock.recv(1 << 16)  # nor are they answered before their commands end
+        server.files[fh].finish()  # type: ignore[attr-defined]
+        with trio.fail_after(5):
+            first, second = await sock.recv(1 << 16), await sock.recv(1 << 16)
+        assert p.OUT_HEADER.unpack_from(first) == (24, 0, 4)
+        assert p.WRITE_OUT.unpack_from(first, p.OUT_HEADER.size) == (6, 0)
+        assert p.OUT_HEADER.unpack_from(second) == (16, -errno.EPIPE, 6)
+
+    run(BlockingFile, body)
+
+
 def test_files_without_a_fast_path_still_work() -> None:
     """A FileOps with only the async methods (the test devices) goes the slow way."""
 

@@ -120,6 +120,49 @@ async def test_a_read_waiting_for_the_command_gets_its_error(dev):
 
 
 @with_device()
+async def test_a_blocking_write_run_by_the_worker_is_answered_as_its_command_ends(dev):
+    """write_after_work(): a blocking write with the lock free is run by the worker and answered
+    through its reply (no task), as write() would answer it: the size, the response kept for
+    read(), no poll wake-up; a poll that comes meanwhile waits for it, as on the kernel's lock;
+    errors (EPIPE with the chip gone, the kernel's EBUSY and EINVAL) are replies too."""
+    f = dev.open()
+    got: list[object] = []
+    woken: list[str] = []
+    assert f.try_poll(lambda: woken.append("woken")) == POLL_OUT
+    data = get_random(8)
+    async with dev.chip.lock:  # the command cannot end meanwhile
+        assert f.write_after_work(data, got.append) is True
+        assert f.try_write(data, True) is None and f.write_after_work(data, got.append) is False
+        assert f.poll_after_work(None, got.append) is True
+        await trio.sleep(0.05)
+        assert got == []
+    with trio.fail_after(10):
+        await f._work_done.wait()
+    assert got == [len(data), POLL_IN] and woken == []
+    response = f.try_read(4096)
+    assert response is not None and rc(response) == 0 and len(response) == 20
+    # EBUSY: a response not read yet; EINVAL: a size below the header's (raised, nothing queued).
+    assert f.write_after_work(data, got.append) is True
+    with trio.fail_after(10):
+        await f._work_done.wait()
+    with pytest.raises(OSError) as exc:
+        f.write_after_work(data, got.append)
+    assert exc.value.errno == errno.EBUSY and f.lock.value == 1
+    assert f.try_read(4096) is not None
+    with pytest.raises(OSError) as exc:
+        f.write_after_work(data[:8], got.append)
+    assert exc.value.errno == errno.EINVAL and f.lock.value == 1
+    dev.chip.available = False
+    assert f.write_after_work(data, got.append) is True
+    with trio.fail_after(10):
+        await f._work_done.wait()
+    dev.chip.available = True
+    err = got[-1]
+    assert isinstance(err, OSError) and err.errno == errno.EPIPE and f.lock.value == 1
+    await f.release()
+
+
+@with_device()
 async def test_sync_completion_does_not_wake_pollers(dev):
     f = dev.open()
     woken = []

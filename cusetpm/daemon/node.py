@@ -209,6 +209,8 @@ class DeviceFile:
         #: While an O_NONBLOCK command holds the file lock: the polls and reads that came
         #: meanwhile, run under the lock when it ends (see :meth:`poll_after_work`).
         self._after_work: list[Callable[[], None]] | None = None
+        #: A blocking write the worker runs (:meth:`write_after_work`): its bytes and its reply.
+        self._blocking: tuple[bytes, Callable[[int | OSError], None]] | None = None
         #: The timer has fired and timeout_work is queued for this file.
         self.timeout_queued = False
         self.closed = False
@@ -266,15 +268,19 @@ class DeviceFile:
                 self._hand_over()
                 handed_over = True
                 return len(data)
-            FileState.check_chip(self.chip.usable_by(self))
-            await self.node.throttle()
-            result = await self._run(data)
-            size = self.state.command_finished(result, len(data), trio.current_time())
-            self._arm_timer()
-            return size
+            return await self._command(data)
         finally:
             if not handed_over:
                 self.lock.release()
+
+    async def _command(self, data: bytes) -> int:
+        """A blocking write's command, under the file lock: what write() returns."""
+        FileState.check_chip(self.chip.usable_by(self))
+        await self.node.throttle()
+        result = await self._run(data)
+        size = self.state.command_finished(result, len(data), trio.current_time())
+        self._arm_timer()
+        return size
 
     def _write_begins(self, data: bytes, nonblock: bool) -> None:
         """Before the file lock: the recording, and E2BIG (step 1)."""
@@ -334,6 +340,35 @@ class DeviceFile:
     # it under the lock as the command ends, before anyone else may take it: the order the
     # lock would have given.  Each returns False, having done nothing, when that cannot be.
 
+    def write_after_work(self, data: bytes, reply: Callable[[int | OSError], None]) -> bool:
+        """A blocking write() with the lock free: its command goes to the worker, as an
+        O_NONBLOCK one does, and ``reply(size)`` (or ``reply(error)``) answers it when it ends,
+        instead of a task waiting for it.  The kernel's blocking write is not interruptible
+        either (a plain mutex_lock, then the command), so a task would add nothing."""
+        if self.lock.value == 0:
+            return False
+        self._write_begins(data, False)
+        self.lock.acquire_nowait()
+        try:
+            self.state.accept_write(data, False)
+        except BaseException:
+            self.lock.release()
+            raise
+        self._blocking = (data, reply)
+        self._hand_over()
+        return True
+
+    async def _answer_write(self, data: bytes) -> int | OSError:
+        """:meth:`_command` for the worker: its errno, or EIO for a bug, as a reply (a task's
+        request would have been answered so, see Channel.answer)."""
+        try:
+            return await self._command(data)
+        except OSError as e:
+            return e
+        except Exception:
+            log.exception("a blocking write's command failed")
+            return OSError(errno.EIO, "internal error")
+
     def _waits_only_for_work(self) -> bool:
         return self._after_work is not None and self.lock.statistics().tasks_waiting == 0
 
@@ -372,15 +407,20 @@ class DeviceFile:
             self._waiter = wake
 
     async def async_work(self) -> None:
-        """tpm_dev_async_work(): the O_NONBLOCK command, run after write() returned.
+        """tpm_dev_async_work(): the O_NONBLOCK command, run after write() returned; or a
+        blocking write's command (:meth:`write_after_work`), answered as it ends.
 
         Runs holding the file lock that write() handed over.
         """
         assert self._work_done is not None
         done = self._work_done
+        blocking, self._blocking = self._blocking, None
         finished = False
         try:
-            if not self.chip.usable_by(self):
+            if blocking is not None:
+                data, reply = blocking
+                reply(await self._answer_write(data))
+            elif not self.chip.usable_by(self):
                 self.state.async_chip_gone()
             else:
                 await self.node.throttle()
@@ -399,7 +439,7 @@ class DeviceFile:
                 except Exception:
                     log.exception("a call waiting for the command failed")
             self.lock.release()
-            if finished:
+            if finished and blocking is None:  # the kernel's blocking write wakes nobody
                 self._wake()
             done.set()
 

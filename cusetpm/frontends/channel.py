@@ -14,10 +14,10 @@ system's own requests); here is only I/O and concurrency:
   command's five requests;
 * a poll or read that waits only for the file's O_NONBLOCK command (a TCTI's poll() right
   after its write()) is queued on the file and answered as the command ends, again with no
-  task;
-* everything else (a blocking write, which runs the TPM command; a read or poll that waits
-  for something else; release) runs in its own task, so that one file waiting never delays
-  another;
+  task; so is a blocking write whose file is free: the file's worker runs its command and
+  answers it;
+* everything else (a read, poll or write that waits for something else; release) runs in its
+  own task, so that one file waiting never delays another;
 * FUSE_INTERRUPT (the caller got a signal) cancels the waiting task, and the request is
   answered EINTR.  Whether cancelling is safe at that point is the device's business: it
   shields what must not be interrupted;
@@ -59,8 +59,9 @@ class FileOps(Protocol):
     ``try_write(data, nonblock)``, ``try_read(size)`` and ``try_poll(wake)`` return None,
     having done nothing, when the call would wait; the loop then runs the async method.  And
     ``poll_after_work(wake, reply)`` / ``read_after_work(size, reply)`` may take a call that
-    waits only for the file's O_NONBLOCK command, and answer it through ``reply`` when that
-    ends (True), instead of a task waiting for it.
+    waits only for the file's O_NONBLOCK command, and ``write_after_work(data, reply)`` a
+    blocking write whose command the file's worker can run, and answer it through ``reply``
+    when that ends (True), instead of a task waiting for it.
     """
 
     async def write(self, data: bytes, nonblock: bool) -> int: ...
@@ -291,7 +292,17 @@ class Channel:
             return None
         try_write = getattr(f, "try_write", None)
         n = try_write(data, nonblock) if try_write is not None else None
-        return None if n is None else proto.reply_write(unique, n)
+        if n is not None:
+            return proto.reply_write(unique, n)
+        write_after_work = getattr(f, "write_after_work", None) if not nonblock else None
+
+        def reply_write(result: int | OSError) -> None:
+            if isinstance(result, OSError):
+                self.send(proto.reply_error(unique, _errno_of(result)))
+            else:
+                self.send(proto.reply_write(unique, result))
+
+        return b"" if write_after_work is not None and write_after_work(data, reply_write) else None
 
     def fast_poll(self, unique: int, fh: int, kh: int, poll_flags: int) -> bytes | None:
         """:meth:`fast` for a poll (``poll_flags``: fuse_poll_in's)."""

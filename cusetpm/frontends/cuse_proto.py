@@ -381,23 +381,18 @@ def parse_request(buf: bytes) -> Request:
     return parse(h, buf)
 
 
-#: FUSE_READ and FUSE_POLL with their fuse_in_header, each unpacked in one call: a command
-#: through a TCTI is five requests, four of them reads and polls (issue 9).
+#: FUSE_READ and FUSE_POLL with their header, each one unpack (four of a TCTI command's five
+#: requests), and their opcodes as plain ints (an IntEnum comparison costs more).
 READ_REQUEST = struct.Struct(IN_HEADER.format + READ_IN.format[1:])
 POLL_REQUEST = struct.Struct(IN_HEADER.format + POLL_IN.format[1:])
-#: Their opcodes as plain ints (an IntEnum comparison costs more, on every request).
 OP_READ, OP_POLL = int(Opcode.READ), int(Opcode.POLL)
 
 
 def parse_read_or_poll(buf: bytes) -> tuple[int, int, int, int, int] | None:
-    """``(opcode, unique, fh, size, flags)`` of a FUSE_READ (``flags``: the file's), or
-    ``(opcode, unique, fh, kh, flags)`` of a FUSE_POLL (``flags``: fuse_poll_in's), as
-    :func:`parse_request` would parse them, without building a request; None for anything
-    else, malformed ones included (:func:`parse_request` then says what it is).
-
-    A request's ``length`` is its own size (and each of these has one size), so a read or a
-    poll is known by its length before it is unpacked.
-    """
+    """``(opcode, unique, fh, size, flags)`` of a FUSE_READ (the file's flags) or ``(opcode,
+    unique, fh, kh, flags)`` of a FUSE_POLL (fuse_poll_in's), as :func:`parse_request` parses
+    them, with no request object; None for anything else (:func:`parse_request` says what).
+    Each of the two has one size, so the length picks the struct before the opcode is known."""
     n = len(buf)
     if n == READ_REQUEST.size:
         length, opcode, unique, _, _, _, _, _, _, fh, _, size, _, _, flags, _ = READ_REQUEST.unpack_from(buf)
@@ -427,16 +422,9 @@ def reply_error(unique: int, err: int) -> bytes:
 
 
 def reply_cuse_init(
-    unique: int,
-    devname: str,
-    *,
-    kernel_minor: int,
-    kernel_flags: int = CUSE_UNRESTRICTED_IOCTL,
-    dev_major: int = 0,
-    dev_minor: int = 0,
-    max_read: int = DEFAULT_MAX_READ,
-    max_write: int = DEFAULT_MAX_WRITE,
-) -> bytes:
+    unique: int, devname: str, *, kernel_minor: int, kernel_flags: int = CUSE_UNRESTRICTED_IOCTL,
+    dev_major: int = 0, dev_minor: int = 0, max_read: int = DEFAULT_MAX_READ, max_write: int = DEFAULT_MAX_WRITE,
+) -> bytes:  # fmt: skip
     """The CUSE_INIT reply: cuse_init_out, then the info string ``DEVNAME=<devname>\\0``.
 
     ``dev_major`` 0 lets the kernel pick a free major.  We take
@@ -450,28 +438,16 @@ def reply_cuse_init(
     info = f"DEVNAME={devname}".encode() + b"\0"
     if len(info) > CUSE_INIT_INFO_MAX:
         raise ValueError("device info longer than CUSE_INIT_INFO_MAX")
-    out = CUSE_INIT_OUT.pack(
-        FUSE_KERNEL_VERSION,
-        min(kernel_minor, SUPPORTED_MINOR),
-        0,
-        kernel_flags & CUSE_UNRESTRICTED_IOCTL,
-        max_read,
-        max_write,
-        dev_major,
-        dev_minor,
-    )
+    minor = min(kernel_minor, SUPPORTED_MINOR)
+    flags = kernel_flags & CUSE_UNRESTRICTED_IOCTL
+    out = CUSE_INIT_OUT.pack(FUSE_KERNEL_VERSION, minor, 0, flags, max_read, max_write, dev_major, dev_minor)
     return reply(unique, out + info)
 
 
 def check_devname(devname: str) -> None:
     """Refuse names the kernel would mangle: it strips blanks, '/' makes a subdirectory."""
-    if (
-        not devname
-        or devname != devname.strip()
-        or any(c in devname for c in "/\0=")
-        or not devname.isascii()
-        or not devname.isprintable()
-    ):
+    bad_char = any(c in devname for c in "/\0=") or not (devname.isascii() and devname.isprintable())
+    if not devname or devname != devname.strip() or bad_char:
         raise ValueError(f"bad CUSE device name {devname!r}")
 
 
@@ -537,14 +513,7 @@ def default_reply(request: Request) -> bytes | None:
 
 
 def build_request(
-    opcode: int,
-    unique: int,
-    body: bytes = b"",
-    *,
-    nodeid: int = 0,
-    uid: int = 0,
-    gid: int = 0,
-    pid: int = 0,
+    opcode: int, unique: int, body: bytes = b"", *, nodeid: int = 0, uid: int = 0, gid: int = 0, pid: int = 0
 ) -> bytes:
     """Frame ``body`` with a fuse_in_header, as the kernel does."""
     length = IN_HEADER.size + len(body)
