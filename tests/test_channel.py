@@ -138,28 +138,9 @@ async def open_file(sock: trio.socket.SocketType) -> int:
     return p.OPEN_OUT.unpack(out)[0]
 
 
-def test_what_needs_no_waiting_is_answered_in_the_loop() -> None:
-    async def body(sock: trio.socket.SocketType, server: Server) -> None:
-        fh = await open_file(sock)
-        error, out = await call(sock, p.Opcode.WRITE, write_in(fh, b"abc", os.O_RDWR | os.O_NONBLOCK), 4)
-        assert (error, p.WRITE_OUT.unpack(out)[0]) == (0, 3)
-        error, out = await call(sock, p.Opcode.POLL, p.POLL_IN.pack(fh, 77, p.FUSE_POLL_SCHEDULE_NOTIFY, 1), 6)
-        assert (error, p.POLL_OUT.unpack(out)[0]) == (0, 1)
-        assert await call(sock, p.Opcode.READ, read_in(fh), 8) == (0, b"abc")
-        assert await call(sock, p.Opcode.READ, read_in(fh), 10) == (0, b"")
-        assert server.inflight == {}
-        # The poll asked for a wake-up: the callback sends FUSE_NOTIFY_POLL for kh 77.
-        (wake,) = server.files[fh].wakes  # type: ignore[attr-defined]
-        wake()
-        with trio.fail_after(5):
-            assert await sock.recv(1 << 16) == p.notify_poll(77)
-
-    run(FastFile, body)
-
-
-def test_reads_and_polls_it_can_answer_build_no_request_object(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Four of a command's five requests are reads and polls: the loop answers those straight
-    from their bytes (cuse_proto.parse_read_or_poll), never through parse_request()."""
+def test_what_needs_no_waiting_is_answered_in_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """And the reads and polls (four of a command's five requests) straight from their bytes
+    (cuse_proto.parse_read_or_poll), never through parse_request()."""
     parsed: list[int] = []
     real = p.parse_request
 
@@ -177,8 +158,15 @@ def test_reads_and_polls_it_can_answer_build_no_request_object(monkeypatch: pyte
         error, out = await call(sock, p.Opcode.POLL, p.POLL_IN.pack(fh, 77, p.FUSE_POLL_SCHEDULE_NOTIFY, 1), 6)
         assert (error, p.POLL_OUT.unpack(out)[0]) == (0, 1)
         assert await call(sock, p.Opcode.READ, read_in(fh), 8) == (0, b"abc")
+        assert await call(sock, p.Opcode.READ, read_in(fh), 10) == (0, b"")
+        assert server.inflight == {}
+        # The poll asked for a wake-up: the callback sends FUSE_NOTIFY_POLL for kh 77.
+        (wake,) = server.files[fh].wakes  # type: ignore[attr-defined]
+        wake()
+        with trio.fail_after(5):
+            assert await sock.recv(1 << 16) == p.notify_poll(77)
         # An unknown file is no fast-path answer: parsed, and a task answers EBADF.
-        assert await call(sock, p.Opcode.READ, read_in(fh + 1), 10) == (-errno.EBADF, b"")
+        assert await call(sock, p.Opcode.READ, read_in(fh + 1), 12) == (-errno.EBADF, b"")
 
     run(FastFile, body)
     assert parsed == [p.Opcode.OPEN, p.Opcode.WRITE, p.Opcode.READ]
@@ -241,7 +229,8 @@ def test_a_poll_that_must_wait_is_answered_when_the_file_is_free() -> None:
 
 class WorkingFile(FastFile):
     """A file whose O_NONBLOCK command is running: polls and reads wait for it, queued on the
-    file (as DeviceFile's poll_after_work/read_after_work) until ``finish()``."""
+    file (as DeviceFile's poll_after_work/read_after_work) until ``finish()``; so do blocking
+    writes (write_after_work)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -260,6 +249,12 @@ class WorkingFile(FastFile):
     def read_after_work(self, size: int, reply: Callable[[bytes | OSError], None]) -> bool:
         self.after.append(lambda: reply(b"done"))
         self.after.append(lambda: reply(OSError(errno.EIO, "second read fails")))
+        return True
+
+    def write_after_work(self, data: bytes, reply: Callable[[int | OSError], None]) -> bool:
+        """A blocking write its worker runs: the first is answered its size, the next EPIPE."""
+        first = not self.after
+        self.after.append(lambda: reply(len(data) if first else OSError(errno.EPIPE, "gone")))
         return True
 
     def finish(self) -> None:
@@ -288,28 +283,6 @@ def test_a_call_waiting_for_the_files_command_needs_no_task() -> None:
     run(WorkingFile, body)
 
 
-class BlockingFile(FastFile):
-    """A file whose worker runs blocking writes (as DeviceFile's write_after_work) until
-    ``finish()``: the first is answered with its size, the next with EPIPE.  Its async write
-    must never be called."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.after: list[Callable[[], None]] = []
-
-    def write_after_work(self, data: bytes, reply: Callable[[int | OSError], None]) -> bool:
-        first = not self.after
-        self.after.append(lambda: reply(len(data) if first else OSError(errno.EPIPE, "gone")))
-        return True
-
-    async def write(self, data: bytes, nonblock: bool) -> int:
-        raise AssertionError("the worker should have answered")
-
-    def finish(self) -> None:
-        for then in self.after:
-            then()
-
-
 def test_a_blocking_write_the_worker_runs_needs_no_task() -> None:
     async def body(sock: trio.socket.SocketType, server: Server) -> None:
         fh = await open_file(sock)
@@ -326,7 +299,7 @@ def test_a_blocking_write_the_worker_runs_needs_no_task() -> None:
         assert p.WRITE_OUT.unpack_from(first, p.OUT_HEADER.size) == (6, 0)
         assert p.OUT_HEADER.unpack_from(second) == (16, -errno.EPIPE, 6)
 
-    run(BlockingFile, body)
+    run(WorkingFile, body)
 
 
 def test_files_without_a_fast_path_still_work() -> None:

@@ -305,6 +305,13 @@ class DeviceFile:
         """write() of an O_NONBLOCK command with the lock free: queue it and return."""
         if not nonblock or self.lock.value == 0:
             return None
+        self._accept_unlocked(data, nonblock)
+        self._hand_over()  # the worker releases the lock
+        return len(data)
+
+    def _accept_unlocked(self, data: bytes, nonblock: bool) -> None:
+        """write()'s steps up to the command with the lock free: take it and accept ``data``
+        (the lock is let go again if the write is refused)."""
         self._write_begins(data, nonblock)
         self.lock.acquire_nowait()
         try:
@@ -312,8 +319,6 @@ class DeviceFile:
         except BaseException:
             self.lock.release()
             raise
-        self._hand_over()  # the worker releases the lock
-        return len(data)
 
     def try_read(self, size: int) -> bytes | None:
         """read() with the lock free (a ready response, or nothing pending)."""
@@ -347,15 +352,9 @@ class DeviceFile:
         either (a plain mutex_lock, then the command), so a task would add nothing."""
         if self.lock.value == 0:
             return False
-        self._write_begins(data, False)
-        self.lock.acquire_nowait()
-        try:
-            self.state.accept_write(data, False)
-        except BaseException:
-            self.lock.release()
-            raise
+        self._accept_unlocked(data, False)
         self._blocking = (data, reply)
-        self._hand_over()
+        self._hand_over()  # the worker releases the lock
         return True
 
     async def _answer_write(self, data: bytes) -> int | OSError:

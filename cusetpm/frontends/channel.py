@@ -35,7 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -43,6 +43,7 @@ from ..daemon.node import Opener
 from . import cuse_proto as proto
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 #: How many requests the loop answers in a row before it lets other tasks run.
 BURST = 16
@@ -276,14 +277,8 @@ class Channel:
         if data is not None:
             return proto.reply_read(unique, data)
         read_after_work = getattr(f, "read_after_work", None)
-
-        def reply_read(data: bytes | OSError) -> None:
-            if isinstance(data, OSError):
-                self.send(proto.reply_error(unique, _errno_of(data)))
-            else:
-                self.send(proto.reply_read(unique, data))
-
-        return b"" if read_after_work is not None and read_after_work(size, reply_read) else None
+        later = self.reply_later(unique, proto.reply_read)
+        return b"" if read_after_work is not None and read_after_work(size, later) else None
 
     def fast_write(self, unique: int, fh: int, data: bytes, nonblock: bool) -> bytes | None:
         """:meth:`fast` for a write."""
@@ -295,14 +290,8 @@ class Channel:
         if n is not None:
             return proto.reply_write(unique, n)
         write_after_work = getattr(f, "write_after_work", None) if not nonblock else None
-
-        def reply_write(result: int | OSError) -> None:
-            if isinstance(result, OSError):
-                self.send(proto.reply_error(unique, _errno_of(result)))
-            else:
-                self.send(proto.reply_write(unique, result))
-
-        return b"" if write_after_work is not None and write_after_work(data, reply_write) else None
+        later = self.reply_later(unique, proto.reply_write)
+        return b"" if write_after_work is not None and write_after_work(data, later) else None
 
     def fast_poll(self, unique: int, fh: int, kh: int, poll_flags: int) -> bytes | None:
         """:meth:`fast` for a poll (``poll_flags``: fuse_poll_in's)."""
@@ -315,11 +304,18 @@ class Channel:
         if mask is not None:
             return proto.reply_poll(unique, mask)
         poll_after_work = getattr(f, "poll_after_work", None)
+        later = self.reply_later(unique, proto.reply_poll)
+        return b"" if poll_after_work is not None and poll_after_work(wake, later) else None
 
-        def reply_poll(mask: int) -> None:
-            self.send(proto.reply_poll(unique, mask))
+    def reply_later(self, unique: int, ok: Callable[[int, R], bytes]) -> Callable[[R | OSError], None]:
+        """The ``reply`` a file calls for a request it answers later: ``ok(unique, result)``
+        sent, or the error's."""
 
-        return b"" if poll_after_work is not None and poll_after_work(wake, reply_poll) else None
+        def reply(result: R | OSError) -> None:
+            out = proto.reply_error(unique, _errno_of(result)) if isinstance(result, OSError) else ok(unique, result)
+            self.send(out)
+
+        return reply
 
     def open_now(self, req: proto.Open) -> bytes:
         try:
