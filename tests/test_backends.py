@@ -38,6 +38,36 @@ def test_unreachable_socket_is_a_backend_error():
     trio.run(main)
 
 
+def test_a_connection_to_itself_is_no_tpm(monkeypatch):
+    """A loopback connect() whose source port is the port it connects to (which Linux may pick
+    while nobody listens there) reaches itself: that is no TPM, but 'not listening yet'."""
+    from cusetpm.backends import socket as backend_socket
+    from cusetpm.backends.swtpm import free_port_pair
+
+    port = free_port_pair()
+
+    class SourcePortIsTarget:
+        """The socket module, but its sockets are bound to ``port`` before they connect."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(socket, name)
+
+        def socket(self, *args: int) -> socket.socket:
+            s = socket.socket(*args)
+            s.bind(("127.0.0.1", port))
+            return s
+
+    monkeypatch.setattr(backend_socket, "socket", SourcePortIsTarget())
+    with pytest.raises(BackendError, match="connected to itself"):
+        trio.run(backend_socket.connect_tcp, "127.0.0.1", port)
+    monkeypatch.undo()
+    with socket.socket() as listener:  # a real listener is still connected to
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        sock = trio.run(backend_socket.connect_tcp, "127.0.0.1", listener.getsockname()[1])
+        sock.close()
+
+
 def test_timeout_is_etime_and_the_stream_recovers():
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

@@ -19,7 +19,15 @@ log = logging.getLogger(__name__)
 
 
 async def connect_tcp(host: str, port: int) -> socket.socket:
-    """A connected non-blocking TCP socket (TCP_NODELAY), or :class:`BackendError`."""
+    """A connected non-blocking TCP socket (TCP_NODELAY), or :class:`BackendError`.
+
+    A connection to itself is refused too.  Linux picks the source port of a loopback
+    connect() from the ephemeral range (32768-60999 by default), which our swtpm ports share:
+    while nobody listens yet on ``port`` (a swtpm starting up), a connect() that happens to
+    pick ``port`` as its own source port connects to itself (TCP simultaneous open), and the
+    TPM's "answer" is the command sent, read back (SelfTest answered "rc 0x143", its command
+    code).  Seen once in a test run of the managed swtpm's start-up.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -31,6 +39,8 @@ async def connect_tcp(host: str, port: int) -> socket.socket:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
+        if sock.getsockname() == sock.getpeername():
+            raise OSError(errno.ECONNREFUSED, "connected to itself: nobody listens there yet")
     except OSError as exc:
         sock.close()
         raise BackendError(f"cannot connect to TPM at {host}:{port}: {exc.strerror or exc}") from None

@@ -27,10 +27,12 @@ NEEDS_STARTUP = "not-need-init"
 
 
 def can_connect(port: int, timeout: float = 1.0) -> bool:
-    """Does something accept on 127.0.0.1:port?  (The probe connection is closed at once.)"""
+    """Does something accept on 127.0.0.1:port?  (The probe connection is closed at once.)
+    A probe that connected to itself (its source port picked as ``port``, see
+    cusetpm.backends.socket.connect_tcp) found nobody."""
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
-        return True
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as probe:
+            return probe.getsockname() != probe.getpeername()
     except OSError:
         return False
 
