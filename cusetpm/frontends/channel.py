@@ -169,9 +169,8 @@ class Channel:
 
     def serve(self, buf: bytes, nursery: trio.Nursery) -> None:
         """Answer one request.  A read or a poll goes to the fast path straight from its
-        bytes, with no request object (four of a command's five requests are these); any
-        other request, or one that must wait, is parsed and dispatched (which tries the fast
-        path again: it does nothing when it cannot answer)."""
+        bytes, with no request object (four of a command's five requests are these), and is
+        parsed only if a task must answer it; any other request is parsed and dispatched."""
         hot = proto.parse_read_or_poll(buf)
         if hot is not None:
             opcode, unique, fh, arg, flags = hot
@@ -182,10 +181,11 @@ class Channel:
                     out = self.fast_poll(unique, fh, arg, flags)
             except OSError as e:
                 out = proto.reply_error(unique, _errno_of(e))
-            if out is not None:
-                if out:
-                    self.send(out)
-                return
+            if out is None:
+                self.start_answer(proto.parse_request(buf), nursery)  # parses what parse_read_or_poll took
+            elif out:
+                self.send(out)
+            return
         try:
             req = proto.parse_request(buf)
         except proto.ProtocolError as e:
@@ -235,14 +235,10 @@ class Channel:
                 out = self.fast(req)
             except OSError as e:
                 out = proto.reply_error(req.unique, _errno_of(e))
-            if out is not None:
-                if out:
-                    self.send(out)
-            else:
-                # Registered before the task starts, so an interrupt that follows
-                # at once still finds it.
-                scope = self.inflight[req.unique] = trio.CancelScope()
-                nursery.start_soon(self.answer, req, scope)
+            if out is None:
+                self.start_answer(req, nursery)
+            elif out:
+                self.send(out)
             return
         if isinstance(req, proto.Open):
             if self._releasing:
@@ -257,6 +253,12 @@ class Channel:
         out = self.other(req)
         if out is not None:
             self.send(out)
+
+    def start_answer(self, req: proto.Request, nursery: trio.Nursery) -> None:
+        """A task answers ``req``: registered before it starts, so that an interrupt that
+        follows at once still finds it."""
+        scope = self.inflight[req.unique] = trio.CancelScope()
+        nursery.start_soon(self.answer, req, scope)
 
     def fast(self, req: proto.Read | proto.Write | proto.Poll) -> bytes | None:
         """The reply if the file can answer without waiting; b"" if the file will answer
