@@ -389,22 +389,7 @@ def report_limits(paths: list[Route], cost: BackendCost | None, floor: Floor | N
         cols = [[p.label, *(ratio(p.median(op), limit_of(cost, floor, op, p.mode or "kernel")) for op in rows)]
                 for p in nodes]  # fmt: skip
         out += [""] + grid("µs per command (x its limit)", rows, cols)
-        out += client_stack(paths, cost)
     return out + [""] + goals(paths, cost, floor)
-
-
-def client_stack(paths: list[Route], cost: BackendCost | None) -> list[str]:
-    """What the rows hold and the limits leave out: the client's own stack (ESAPI over a
-    TCTI), the same on every path; the direct path shows it against the backend alone."""
-    direct = next((p for p in paths if p.label == "direct" and not p.error), None)
-    op = OPS[0][0]
-    d, alone = direct.median(op) if direct is not None else None, cost.median("alone", op) if cost else None
-    if d is None or alone is None:
-        return []
-    return [
-        f"  the rows include the client's own stack (tpm2-pytss ESAPI over a TCTI), which the limits leave out:"
-        f" direct, {op} takes {d:.0f} µs against the backend's {alone:.0f} alone ({d / alone:.1f}x)"
-    ]
 
 
 def goals(paths: list[Route], cost: BackendCost | None, floor: Floor | None) -> list[str]:
