@@ -2,12 +2,14 @@
 """scripts/bench.py's load clients: N processes hammering GetRandom on one path at once.
 
 Run as ``python -m cusetpm.testing.bench_clients --tcti NAME --conf CONF --clients N
---seconds S [--server-pid PID]``; prints one JSON object (:func:`run`'s) on stdout.
+--seconds S [--server-pid PID] [--api tcti|esapi]``; prints one JSON object (:func:`run`'s) on
+stdout.
 
 This launcher imports tpm2-pytss, then forks the clients while it is still single-threaded
 (no TCTI, no GLib yet), so a client costs a fork, not an interpreter.  Each client opens its
-own connection (a tpm2-pytss ESAPI over the tpm2-tss TCTI: ``device`` on the node,
-``tabrmd`` on abrmd), sends one GetRandom(16), says ready and waits; once all are ready the
+own connection (the tpm2-tss TCTI: ``device`` on the node, ``tabrmd`` on abrmd; by default
+a tpm2-pytss TCTI loop as bench_paths' clients, or ESAPI over it), sends one GetRandom(16), says
+ready and waits; once all are ready the
 launcher closes the start pipe and every client calls GetRandom(16) in a loop for S seconds
 of its own clock, then reports its count, its wall time and its own CPU time.
 """
@@ -40,13 +42,13 @@ def _say(fd: int, line: str) -> None:
     os.write(fd, (line.replace("\n", " ")[:400] + "\n").encode())  # < PIPE_BUF: one write, whole
 
 
-def _client(idx: int, tcti: str, conf: str, seconds: float, go: int, out: int) -> int:
-    from tpm2_pytss import ESAPI, TCTILdr
+def _client(idx: int, tcti: str, conf: str, seconds: float, go: int, out: int, api: str) -> int:
+    from .bench_paths import Client
 
     try:
-        ctx = TCTILdr(tcti, conf)
-        esapi = ESAPI(ctx)
-        esapi.get_random(16)
+        client = Client(tcti, conf, with_key=False, api=api)
+        get_random = client.get_random
+        get_random()
     except Exception as exc:
         _say(out, f"{idx} error connect: {type(exc).__name__}: {exc}")
         return 1
@@ -55,15 +57,14 @@ def _client(idx: int, tcti: str, conf: str, seconds: float, go: int, out: int) -
     n, t0, c0 = 0, time.monotonic(), os.times()
     try:
         while time.monotonic() - t0 < seconds:
-            esapi.get_random(16)
+            get_random()
             n += 1
     except Exception as exc:
         _say(out, f"{idx} error after {n}: {type(exc).__name__}: {exc}")
         return 1
     elapsed, c1 = time.monotonic() - t0, os.times()
     _say(out, f"{idx} done {n} {elapsed:.6f} {c1.user - c0.user + c1.system - c0.system:.6f}")
-    esapi.close()
-    ctx.close()
+    client.close()
     return 0
 
 
@@ -103,11 +104,15 @@ def _reap(pids: list[int], grace: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def run(tcti: str, conf: str, clients: int, seconds: float, server_pid: int | None = None) -> dict[str, Any]:
+def run(
+    tcti: str, conf: str, clients: int, seconds: float, server_pid: int | None = None, api: str = "tcti"
+) -> dict[str, Any]:
     """Fork the clients, start them together, collect: ``counts``, ``elapsed`` (s) and
     ``client_cpu`` (s, all clients), ``window`` (s, start to the last report),
     ``server_cpu`` (s of ``server_pid`` over the window) and ``errors``."""
     import tpm2_pytss  # noqa: F401  (before the fork: loaded once, shared)
+
+    from . import bench_paths  # noqa: F401  (the clients' code, likewise)
 
     out_r, out_w = os.pipe()
     go_r, go_w = os.pipe()
@@ -119,7 +124,7 @@ def run(tcti: str, conf: str, clients: int, seconds: float, server_pid: int | No
             try:
                 os.close(out_r)
                 os.close(go_w)
-                status = _client(idx, tcti, conf, seconds, go_r, out_w)
+                status = _client(idx, tcti, conf, seconds, go_r, out_w, api)
             finally:
                 os._exit(status)
         pids.append(pid)
@@ -163,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, required=True)
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--server-pid", type=int)
+    ap.add_argument("--api", choices=("tcti", "esapi"), default="tcti")
     args = ap.parse_args(argv)
-    result = run(args.tcti, args.conf, args.clients, args.seconds, args.server_pid)
+    result = run(args.tcti, args.conf, args.clients, args.seconds, args.server_pid, args.api)
     json.dump(result, sys.stdout)
     print()
     return 0

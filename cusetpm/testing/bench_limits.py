@@ -29,79 +29,24 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from tpm2_pytss.constants import TPM2_ALG, TPM2_CC, TPM2_RH, TPM2_ST, TPMA_OBJECT
-
 from ..kernel import wire
+from .bench_commands import (
+    GET_RANDOM,
+    RETRIES,
+    TpmError,
+    check,
+    context_load,
+    context_save,
+    create_primary,
+    flush_context,
+    name,
+    retry,
+    sign,
+)
 from .bench_paths import OPS, time_batch
 from .bench_rig import Rig
 
-# --- the commands, as bytes --------------------------------------------------------------
-
-ST_SESSIONS = int(TPM2_ST.SESSIONS)
-#: One password authorization (TPM2_RS_PW, empty nonce, no attributes, empty password), with
-#: its authorizationSize in front: what CreatePrimary and Sign need for an empty auth value.
-PW_AUTH = struct.pack(">IIHBH", 9, int(TPM2_RH.PW), 0, 0, 0)
-#: The signing key: an ECC P-256 primary in the owner hierarchy, as the paths' clients make.
-KEY_ATTRS = (
-    TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
-)  # fmt: skip
-DIGEST = bytes(range(32))  # the paths' clients sign the same
-NAMES = {
-    wire.CC_GET_RANDOM: "GetRandom",
-    wire.CC_CONTEXT_LOAD: "ContextLoad",
-    wire.CC_CONTEXT_SAVE: "ContextSave",
-    wire.CC_FLUSH_CONTEXT: "FlushContext",
-    int(TPM2_CC.Sign): "Sign",
-    int(TPM2_CC.CreatePrimary): "CreatePrimary",
-}
-
-
-def get_random(n: int = 16) -> bytes:
-    return wire.command(wire.CC_GET_RANDOM, struct.pack(">H", n))
-
-
-def create_primary() -> bytes:
-    """CreatePrimary(owner) of the signing key: empty sensitive, no outside info, no PCRs."""
-    from tpm2_pytss.types import TPM2B_PUBLIC
-
-    public = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=KEY_ATTRS).marshal()
-    sensitive = struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: empty userAuth and data
-    body = wire.u32(int(TPM2_RH.OWNER)) + PW_AUTH + sensitive + public + struct.pack(">HI", 0, 0)
-    return wire.command(int(TPM2_CC.CreatePrimary), body, ST_SESSIONS)
-
-
-def sign(handle: int) -> bytes:
-    """Sign DIGEST with the key at ``handle``: sha256 digest, null scheme (the key's own
-    ECDSA-SHA256), a null hash-check ticket."""
-    scheme = struct.pack(">H", int(TPM2_ALG.NULL))  # TPMT_SIG_SCHEME, no details
-    ticket = struct.pack(">HIH", int(TPM2_ST.HASHCHECK), int(TPM2_RH.NULL), 0)  # TPMT_TK_HASHCHECK
-    body = wire.u32(handle) + PW_AUTH + struct.pack(">H", len(DIGEST)) + DIGEST + scheme + ticket
-    return wire.command(int(TPM2_CC.Sign), body, ST_SESSIONS)
-
-
-def context_save(handle: int) -> bytes:
-    return wire.command(wire.CC_CONTEXT_SAVE, wire.u32(handle))
-
-
-def context_load(context: bytes) -> bytes:
-    """ContextLoad of a TPMS_CONTEXT as ContextSave answered it (the body after the header)."""
-    return wire.command(wire.CC_CONTEXT_LOAD, context)
-
-
-def flush_context(handle: int) -> bytes:
-    return wire.command(wire.CC_FLUSH_CONTEXT, wire.u32(handle))
-
-
 # --- the connection ----------------------------------------------------------------------
-
-
-#: Sends of one command at most while the TPM answers RETRY or TESTING.
-RETRIES = 10
-
-
-class TpmError(RuntimeError):
-    """A command answered with a nonzero response code (or a broken response)."""
 
 
 class RawTpm:
@@ -120,18 +65,14 @@ class RawTpm:
         self.retries = 0
 
     def call(self, cmd: bytes) -> bytes:
-        """The whole response; TpmError unless its response code is 0.  TPM_RC_RETRY and
-        TPM_RC_TESTING are sent again, as the kernel's tpm_transmit() and tpm2-tss do (swtpm
-        answers a first Sign with RETRY while it tests the algorithm)."""
+        """The whole response; TpmError unless its response code is 0 (RETRY and TESTING
+        are sent again: bench_commands.retry)."""
         for _ in range(RETRIES):
             rsp = self._exchange(cmd)
-            rc = wire.be32(rsp, 6)
-            if rc not in (wire.RC_RETRY, wire.RC_TESTING):
+            if not retry(rsp):
                 break
             self.retries += 1
-        if rc:
-            raise TpmError(f"{self.name(cmd)}: response code 0x{rc:03x}")
-        return rsp
+        return check(cmd, rsp)
 
     def _exchange(self, cmd: bytes) -> bytes:
         sock = self.sock
@@ -141,16 +82,11 @@ class RawTpm:
         while len(rsp) < wire.TPM_HEADER_SIZE or len(rsp) < wire.be32(rsp, 2):
             more = sock.recv(65536)
             if not more:
-                raise TpmError(f"{self.name(cmd)}: the TPM closed the connection")
+                raise TpmError(f"{name(cmd)}: the TPM closed the connection")
             rsp += more
         if len(rsp) != wire.be32(rsp, 2):
-            raise TpmError(f"{self.name(cmd)}: {len(rsp)} bytes for a {wire.be32(rsp, 2)}-byte response")
+            raise TpmError(f"{name(cmd)}: {len(rsp)} bytes for a {wire.be32(rsp, 2)}-byte response")
         return rsp
-
-    @staticmethod
-    def name(cmd: bytes) -> str:
-        cc = wire.be32(cmd, 6)
-        return NAMES.get(cc, f"command 0x{cc:x}")
 
     def close(self) -> None:
         self.sock.close()
@@ -161,7 +97,6 @@ class RawTpm:
 #: The modes a row is timed in, and the first row's unpinned one.
 MODES = ("alone", "cycle")
 UNPINNED = "unpinned"
-GET_RANDOM = get_random(16)
 
 
 def kind_of(op: str) -> str:

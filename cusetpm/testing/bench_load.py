@@ -4,8 +4,8 @@
 * :func:`files_figure`: a fresh node in kernel mode; a few warm-up files are opened (each
   sends one GetRandom and stays open), the daemon's VmRSS is read from /proc/PID/status,
   then N more files are opened the same way and VmRSS read again: KiB per open file.
-* :func:`clients_figure`: N client processes (:mod:`cusetpm.testing.bench_clients`, one
-  tpm2-pytss ESAPI each, on its own connection) call GetRandom at once for a fixed time, on
+* :func:`clients_figure`: N client processes (:mod:`cusetpm.testing.bench_clients`, each
+  the bench's client on its own connection) call GetRandom at once for a fixed time, on
   a fresh node in kernel mode (``device`` TCTI) and on tpm2-abrmd (``tabrmd`` TCTI), each
   with its own fresh swtpm; one path at a time.
 """
@@ -130,9 +130,9 @@ class LoadFigure:
         return min(self.counts) / top if top else None
 
 
-def run_clients(rig: Rig, fig: LoadFigure, tcti: str, conf: str, server_pid: int | None) -> None:
+def run_clients(rig: Rig, fig: LoadFigure, tcti: str, conf: str, server_pid: int | None, api: str = "tcti") -> None:
     argv = [sys.executable, "-m", "cusetpm.testing.bench_clients", "--tcti", tcti, "--conf", conf,
-            "--clients", str(fig.clients), "--seconds", str(fig.seconds)]  # fmt: skip
+            "--clients", str(fig.clients), "--seconds", str(fig.seconds), "--api", api]  # fmt: skip
     argv += ["--server-pid", str(server_pid)] if server_pid else []
     log = rig.dir(f"clients-{fig.label.replace('(', '-').replace(')', '')}") / "stderr"
     proc = rig.popen(argv, log, stdout=subprocess.PIPE, cwd=ROOT)
@@ -152,9 +152,12 @@ def run_clients(rig: Rig, fig: LoadFigure, tcti: str, conf: str, server_pid: int
         fig.error = f"{len(got['errors'])} of {fig.clients} clients failed: {got['errors'][0]}{more}"
 
 
-def clients_figure(rig: Rig, kernel: str, clients: int, seconds: float, abrmd: bool = True) -> list[LoadFigure]:
+def clients_figure(
+    rig: Rig, kernel: str, clients: int, seconds: float, abrmd: bool = True, api: str = "tcti"
+) -> list[LoadFigure]:
     """The node (kernel mode) and, if ``abrmd``, tpm2-abrmd under ``clients`` clients for
-    ``seconds``: both set up first, then run one after the other."""
+    ``seconds`` (each client's stack: ``api``, see bench_paths.Client): both set up first, then
+    run one after the other."""
     figs = [LoadFigure(f"node({kernel})", clients, seconds, "cusetpm serve")]
     if abrmd:
         figs.append(LoadFigure("abrmd", clients, seconds, "tpm2-abrmd", error=missing(abrmd_route())))
@@ -173,7 +176,7 @@ def clients_figure(rig: Rig, kernel: str, clients: int, seconds: float, abrmd: b
             fig.error = f"{type(exc).__name__}: {exc}"
     for fig, tcti, conf in ready:
         try:
-            run_clients(rig, fig, tcti, conf, rig.pids.get(conf))
+            run_clients(rig, fig, tcti, conf, rig.pids.get(conf), api)
         except Exception as exc:
             fig.error = f"{type(exc).__name__}: {exc}"
     return figs

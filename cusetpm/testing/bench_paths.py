@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """scripts/bench.py's paths to the TPM and how they are measured.
 
-One client stack for every path (tpm2-pytss ESAPI over a tpm2-tss TCTI, :class:`Client`),
-so only the path differs; :func:`measure` times them in interleaved rounds and
+One client stack for every path (by default issue 9's tpm2-pytss TCTI loop over a tpm2-tss
+TCTI, :class:`Client`), so only the path differs; :func:`measure` times them in interleaved rounds and
 :func:`count_commands` counts backend commands per user command through a relay.
 """
 
@@ -20,20 +20,35 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .bench_commands import DIGEST, GET_RANDOM, KEY_ATTRS, RETRIES, check, retry, sign
 from .bench_rig import Rig
 from .relay import CountingRelay
 
-# --- the client: one ESAPI per path ------------------------------------------------------
+# --- the client: one TCTI per path ------------------------------------------------------
+
+#: The client stacks: issue 9's "tpm2-pytss TCTI loop" (the default), or ESAPI over the same TCTI.
+APIS = ("tcti", "esapi")
 
 
 class Client:
-    """ESAPI over one TCTI; ``with_key``: holding an ECC P-256 signing primary (owner hierarchy)."""
+    """One connection of a path; ``with_key``: holding an ECC P-256 signing primary (owner
+    hierarchy, made through ESAPI).
 
-    def __init__(self, tcti_name: str, tcti_conf: str, with_key: bool = True) -> None:
+    ``api="tcti"``: each command is the TCTI's transmit() of its bytes and a receive() of the
+    whole response, response code checked (bench_commands): issue 9's client, a tpm2-pytss
+    TCTI loop.  ``api="esapi"``: the same commands through tpm2-pytss ESAPI, which adds its
+    own work, and on a node two FUSE requests a command (its receive asks for the header, then
+    the rest; a full-buffer receive reads once).
+    """
+
+    def __init__(self, tcti_name: str, tcti_conf: str, with_key: bool = True, api: str = "tcti") -> None:
         from tpm2_pytss import ESAPI, TCTILdr
-        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_ST, TPMA_OBJECT
+        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_ST
         from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_SIG_SCHEME, TPMT_TK_HASHCHECK
 
+        if api not in APIS:
+            raise ValueError(f"api: one of {', '.join(APIS)}, not {api!r}")
+        self.esapi_calls = api == "esapi"
         self.tcti = TCTILdr(tcti_name, tcti_conf)
         try:
             self.esapi = ESAPI(self.tcti)
@@ -41,27 +56,41 @@ class Client:
             self.tcti.close()
             raise
         self.key = None
+        self.sign_command = b""
         if not with_key:
             return
-        attrs = (
-            TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-            | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
-        )  # fmt: skip
-        template = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=attrs)
+        template = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256", objectAttributes=KEY_ATTRS)
         try:
             self.key = self.esapi.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.OWNER)[0]
+            self.sign_command = sign(self.esapi.tr_get_tpm_handle(self.key))
         except Exception:
             self.close()
             raise
-        self.digest = bytes(range(32))
+        self.digest = DIGEST
         self.scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)  # the key's own: ECDSA-SHA256
         self.ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
 
+    def call(self, cmd: bytes) -> bytes:
+        """One command through the TCTI: the whole response; TpmError unless it succeeded."""
+        tcti = self.tcti
+        for _ in range(RETRIES):
+            tcti.transmit(cmd)
+            rsp = tcti.receive()
+            if not retry(rsp):
+                break
+        return check(cmd, rsp)
+
     def get_random(self) -> None:
-        self.esapi.get_random(16)
+        if self.esapi_calls:
+            self.esapi.get_random(16)
+        else:
+            self.call(GET_RANDOM)
 
     def sign(self) -> None:
-        self.esapi.sign(self.key, self.digest, self.scheme, self.ticket)
+        if self.esapi_calls:
+            self.esapi.sign(self.key, self.digest, self.scheme, self.ticket)
+        else:
+            self.call(self.sign_command)
 
     def close(self) -> None:
         if self.key is not None:
@@ -169,11 +198,11 @@ def time_batch(fn: Callable[[], None], n: int) -> float:
     return (clock() - t0) / n / 1000.0
 
 
-def open_clients(name: str, conf: str, stack: contextlib.ExitStack) -> dict[str, Client]:
+def open_clients(name: str, conf: str, stack: contextlib.ExitStack, api: str = "tcti") -> dict[str, Client]:
     """Two connections of one path: "plain" (empty) and "keyed" (the signing key loaded)."""
     clients = {}
     for kind in ("plain", "keyed"):
-        c = Client(name, conf, with_key=kind == "keyed")
+        c = Client(name, conf, with_key=kind == "keyed", api=api)
         stack.callback(c.close)
         clients[kind] = c
     return clients
@@ -218,11 +247,13 @@ def measure(
     sizes: dict[str, int],
     warmup: int,
     each_round: Callable[[], None] | None = None,
+    api: str = "tcti",
 ) -> dict[str, str]:
     """Time every path's rows in interleaved rounds; returns each node path's file (label -> path).
 
     ``each_round`` runs once per round after the paths' batches (the backend's own cost,
-    bench_limits), so that it sees the same background load."""
+    bench_limits), so that it sees the same background load; ``api``: the clients' stack
+    (:class:`Client`)."""
     clients: dict[str, dict[str, Client]] = {}
     nodes: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
@@ -233,7 +264,7 @@ def measure(
                 name, conf = p.setup(rig)
                 if name == "device":
                     nodes[p.label] = conf
-                cs = open_clients(name, conf, stack)
+                cs = open_clients(name, conf, stack, api)
                 for _, kind, meth in OPS:
                     for _ in range(warmup):
                         getattr(cs[kind], meth)()
@@ -256,14 +287,14 @@ def measure(
     return {label: node for label, node in nodes.items() if label not in failed}
 
 
-def count_commands(paths: list[Route], rig: Rig, k: int) -> None:
+def count_commands(paths: list[Route], rig: Rig, k: int, api: str = "tcti") -> None:
     for p in paths:
         if p.error:
             continue
         try:
             with contextlib.ExitStack() as stack:
                 name, conf, relay = p.count_setup(rig)
-                cs = open_clients(name, conf, stack)
+                cs = open_clients(name, conf, stack, api)
                 for op, kind, meth in OPS:
                     fn = getattr(cs[kind], meth)
                     fn()  # settle (e.g. the key's first context save)

@@ -203,6 +203,13 @@ def how_guest(fig: GuestFigure) -> str:
     )
 
 
+def api_words(args: argparse.Namespace) -> str:
+    """The clients' stack (bench_paths.Client), in words."""
+    if getattr(args, "api", "tcti") == "esapi":
+        return "tpm2-pytss ESAPI (its receive reads the header, then the rest)"
+    return "a tpm2-pytss TCTI loop (transmit the bytes, receive the whole response, check its code)"
+
+
 def how_figures(args: argparse.Namespace) -> str:
     parts = [
         "Backend cost: one more fresh swtpm (the same arguments), one persistent TCP connection to its data "
@@ -231,8 +238,9 @@ def how_figures(args: argparse.Namespace) -> str:
         )
     if args.clients:
         parts.append(
-            f"Clients: {args.clients} processes forked from one launcher, each its own tpm2-pytss ESAPI on its "
-            f"own connection (device TCTI on a fresh node in kernel mode, tabrmd TCTI on tpm2-abrmd "
+            f"Clients: {args.clients} processes forked from one launcher, each the bench's client "
+            f"({api_words(args)}) on its own connection (device TCTI on a fresh node in kernel mode, "
+            "tabrmd TCTI on tpm2-abrmd "
             f"--max-connections={args.clients + 1}; each its own fresh swtpm), started together, GetRandom(16) "
             f"in a loop for {args.client_seconds:g} s; one path at a time.  commands/s: the sum of each "
             "client's count over its own time; server CPU: the daemon's or abrmd's process (not its swtpm) "
@@ -265,7 +273,7 @@ def report(
         if p.count_error:
             print(f"  {p.label}: command count FAILED: {p.count_error}")
     how = (
-        "How measured: the same client for every path, tpm2-pytss ESAPI over a tpm2-tss TCTI (swtpm, "
+        f"How measured: the same client for every path, {api_words(args)} over a tpm2-tss TCTI (swtpm, "
         "device, tabrmd), in this one process (the swtpm TCTI, so direct too, connects anew per command).  "
         "Each path has its own fresh swtpm (cusetpm's managed arguments).  node = `cusetpm serve --fuse` "
         "with its managed swtpm (as `make run`), one daemon per kernel profile; abrmd = tpm2-abrmd on a "
