@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from cusetpm.kernel import wire
 from cusetpm.testing import bench_limits
 from cusetpm.testing.bench_floor import Floor
 from cusetpm.testing.bench_limits import BackendBench, BackendCost, RawTpm, TpmError
@@ -151,13 +150,6 @@ def test_the_limits_tables_show_the_costs_the_limits_and_each_node_against_its_l
 # --- against a real swtpm ------------------------------------------------------------------
 
 needs_swtpm = pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm not installed")
-
-
-def test_the_commands_are_framed_as_their_sizes_say() -> None:
-    for cmd in (bench_limits.GET_RANDOM, bench_limits.create_primary(), bench_limits.sign(0x80000000),
-                bench_limits.context_save(0x80000000), bench_limits.flush_context(0x80000000)):  # fmt: skip
-        assert wire.be32(cmd, 2) == len(cmd)
-    assert bench_limits.sign(0x80000001)[10:14] == b"\x80\x00\x00\x01"
 
 
 @needs_swtpm
