@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="kernel (default): save and flush a file's contexts after every command, as the kernel does; "
         "lazy: keep the last file's loaded until another file needs the TPM",
     )  # fmt: skip
+    serve.add_argument(
+        "--swap-residents", type=int, default=1, metavar="N",
+        help="--swap lazy: how many files may stay loaded at once (default 1: the TPM never holds more "
+        "than during one of the kernel's commands); see README, 'Lazy context swapping'",
+    )  # fmt: skip
     add_session_options(serve)
     serve.add_argument(
         "--control", metavar="PATH", default=None,
@@ -241,6 +246,7 @@ async def serve(args: argparse.Namespace) -> int:
                     paths = [tenants.path(nc.name) for nc in config.nodes]
                     for nc, path in zip(config.nodes, paths, strict=True):
                         features = ", swap lazy" if config.swap == "lazy" else ""
+                        features += f" ({config.swap_residents} resident)" if config.swap_residents > 1 else ""
                         features += ", sessions global" if nc.sessions == "global" else ""
                         features += ", tenant" if config.path is not None else ""
                         features += ", pyfuse3" if kind == "fuse" and config.fuse_lib == "pyfuse3" else ""

@@ -82,7 +82,7 @@ class Tenants:
             if self._swap is None:
                 from .swap import LazySwap
 
-                self._swap = LazySwap()
+                self._swap = LazySwap(self.config.swap_residents)
             return self._swap  # one for the chip: the TPM's slots are the chip's
         if nc.sessions != "global":
             return None
@@ -188,6 +188,7 @@ class Tenants:
             "control",
             "sessions",
             "swap",
+            "swap_residents",
         ):
             if getattr(new, attr) != getattr(self.config, attr):
                 raise ConfigError(f"{new.path}: {attr} cannot change on reload (restart the daemon)")

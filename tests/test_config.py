@@ -139,6 +139,24 @@ def test_spin_us_is_checked_and_the_command_line_wins() -> None:
         command_line_overrides(build_parser().parse_args(["serve", "--config", "x.toml", "--spin-us", "-5"]))
 
 
+def test_swap_residents_is_a_count_of_files_for_lazy_swapping_only() -> None:
+    head = '[tpm]\nswap = "lazy"\nswap_residents = 4\n\n[[node]]\nname = "a"\n'
+    assert parse(head).swap_residents == 4
+    assert parse(head.replace("swap_residents = 4\n", "")).swap_residents == 1
+    for bad, message in (("0", "must be 1..64, not 0"), ("65", "must be 1..64"), ("true", "must be a whole number"),
+                         ('"2"', "must be a whole number")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            parse(head.replace("= 4", f"= {bad}"))
+    with pytest.raises(ConfigError, match=r'swap_residents needs swap "lazy"'):
+        parse(head.replace('"lazy"', '"kernel"'))
+    args = build_parser().parse_args(["serve", "--swap", "lazy", "--swap-residents", "3"])
+    assert from_args(args, "fuse", "/tmp/x").swap_residents == 3
+    with pytest.raises(ConfigError, match=r"--swap-residents needs swap \"lazy\""):
+        from_args(build_parser().parse_args(["serve", "--swap-residents", "3"]), "fuse", "/tmp/x")
+    with pytest.raises(ConfigError, match="--swap-residents must be 1..64, not 0"):
+        from_args(build_parser().parse_args(["serve", "--swap", "lazy", "--swap-residents", "0"]), "fuse", "/tmp/x")
+
+
 def test_swap_lazy_is_a_setting_of_the_tpm_and_not_with_global_sessions() -> None:
     head = '[tpm]\nswap = "lazy"\n\n[[node]]\nname = "a"\n'
     assert parse(head).swap == "lazy"

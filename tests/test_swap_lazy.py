@@ -6,12 +6,15 @@ seam and once with LazySwap, on fresh TPMs, and the answers are compared."""
 
 from __future__ import annotations
 
+import errno
+import struct
 from typing import Callable
 
 import pytest
 
 from cusetpm.kernel import wire
 from cusetpm.kernel.structs import Chip
+from cusetpm.kernel.tpm2_cmd import flush_context as flush_context_of
 from cusetpm.swap import LazySwap
 from helpers import (
     RawTpm,
@@ -42,12 +45,14 @@ def shape(rsp: bytes, cmd: bytes) -> tuple[int, ...]:
     return out
 
 
-def run(steps: list[Step], lazy: bool, profile: str) -> tuple[list[tuple[int, ...]], list[int], dict[str, list[int]]]:
+def run(
+    steps: list[Step], lazy: bool, profile: str, residents: int = 1
+) -> tuple[list[tuple[int, ...]], list[int], dict[str, list[int]]]:
     raw = RawTpm.start()
     try:
         chip: Chip = make_chip(raw, profile)
         if lazy:
-            chip.seam = LazySwap()
+            chip.seam = LazySwap(residents)
         files: dict[str, SyncFile] = {}
         answers, between = [], {}
         for name, build in steps:
@@ -67,6 +72,17 @@ def run(steps: list[Step], lazy: bool, profile: str) -> tuple[list[tuple[int, ..
         return answers, left, between
     finally:
         raw.close()
+
+
+def get_cap_properties(first: int = 0x20E, count: int = 8) -> bytes:
+    """GetCapability(TPM_PROPERTIES) from TPM_PT_HR_TRANSIENT_AVAIL: the free slots."""
+    return wire.command(wire.CC_GET_CAPABILITY, struct.pack(">III", 6, first, count))
+
+
+def get_random_in(session: int) -> bytes:
+    """GetRandom with ``session`` in its authorization area (continueSession, empty nonce, hmac)."""
+    auth = struct.pack(">IIHBH", 9, session, 0, 1, 0)
+    return wire.command(wire.CC_GET_RANDOM, auth + struct.pack(">H", 8), tag=0x8002)
 
 
 SCRIPTS: dict[str, list[Step]] = {
@@ -89,6 +105,23 @@ SCRIPTS: dict[str, list[Step]] = {
         ("a", start_auth_session), ("a", start_auth_session), ("b", start_auth_session), ("a", get_random),
         ("a", lambda: context_save(0x02000000)), ("close a", bytes), ("b", get_random),
     ],
+    "three files fill the TPM": [
+        ("a", create_primary), ("a", create_primary), ("a", create_primary), ("b", create_primary),
+        ("c", start_auth_session), ("c", create_primary), ("a", lambda: read_public(0x80FFFFFD)),
+        ("b", lambda: read_public(V0)), ("c", lambda: read_public(V0)), ("a", lambda: read_public(V0)),
+    ],
+    "sessions fill the TPM": [
+        ("a", start_auth_session), ("a", start_auth_session), ("a", start_auth_session), ("b", start_auth_session),
+        ("b", start_auth_session), ("b", get_random), ("a", get_random), ("close a", bytes), ("b", get_random),
+    ],
+    "another file asks what is free": [
+        ("a", create_primary), ("a", create_primary), ("a", start_auth_session), ("b", get_cap_properties),
+        ("b", lambda: get_cap_handles(0x02000000)), ("a", get_cap_properties), ("a", get_random),
+    ],
+    "a session another file holds": [
+        ("a", start_auth_session), ("a", get_random), ("b", lambda: get_random_in(0x02000000)),
+        ("b", start_auth_session), ("b", lambda: get_random_in(0x02000001)), ("a", lambda: get_random_in(0x02000000)),
+    ],
     "another file flushes my session": [
         ("a", start_auth_session), ("a", create_primary), ("b", lambda: flush_context(0x02000000)),
         ("a", get_random), ("a", lambda: read_public(V0)), ("a", start_auth_session),
@@ -103,6 +136,74 @@ def test_every_answer_and_what_the_tpm_holds_is_the_kernels(script: str, profile
     assert lazy[0] == kernel[0]  # every answer
     assert lazy[2] == kernel[2]  # the TPM after each close
     assert lazy[1] == kernel[1]  # what is left behind at the end
+
+
+@pytest.mark.parametrize("profile", ["6.1", "6.12"])
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_with_several_files_resident_every_answer_is_the_kernels(script: str, profile: str) -> None:
+    """``--swap-residents 3``: the TPM holds other files' contexts between commands (so a
+    direct look at it differs), but every answer through the node, and what is left once all
+    are closed, is the kernel's: out of memory, a file is put away and the command sent again;
+    a TPM-wide command or another file's session finds the others put away."""
+    kernel, lazy = run(SCRIPTS[script], False, profile), run(SCRIPTS[script], True, profile, residents=3)
+    assert lazy[0] == kernel[0]
+    assert lazy[1] == kernel[1]
+
+
+def test_several_resident_files_take_turns_without_swapping(raw) -> None:
+    chip = make_chip(raw)
+    seam = LazySwap(residents=3)
+    chip.seam = seam
+    a, b, c = SyncFile(chip, raw), SyncFile(chip, raw), SyncFile(chip, raw)
+    for f in (a, a, b):
+        assert rc(f.cmd(create_primary())) == 0
+    raw.log.clear()
+    for _ in range(5):
+        assert rc(a.cmd(read_public(V0))) == 0
+        assert rc(b.cmd(read_public(V0))) == 0
+        assert rc(c.cmd(get_random())) == 0
+    assert len(raw.log) == 15 and seam.counters["evictions"] == 0  # one backend command each
+    assert seam.snapshot()["residents"] == 3 and len(raw.handles(0x80000000)) == 3
+    # The TPM is full (three objects): a's third waits for room, made by putting away the
+    # least recently used other file (b), and is sent again.
+    raw.log.clear()
+    assert rc(a.cmd(create_primary())) == 0
+    assert raw.ccs() == [0x131, wire.CC_CONTEXT_SAVE, wire.CC_FLUSH_CONTEXT, 0x131]
+    assert seam.counters["room_made"] == 1
+    assert [s for s, _ in seam.residents] == [c.state.space, a.state.space]
+    # b's key comes back: c (holding nothing) and then a are put away to make room for it.
+    assert rc(b.cmd(read_public(V0))) == 0
+    assert seam.counters["room_made"] == 3 and [s for s, _ in seam.residents] == [b.state.space]
+    assert rc(a.cmd(read_public(0x80FFFFFD))) == 0
+    for f in (a, b, c):
+        f.close()
+    assert raw.handles(0x80000000) == [] and raw.handles(0x02000000) == [] and seam.residents == []
+
+
+def test_what_the_daemon_flushed_after_a_fault_is_forgotten(raw) -> None:
+    """After a lost answer the daemon flushes everything loaded (loaded_flushed): the resident
+    files lose what was never saved, as a file does whose own command's answer was lost."""
+    chip = make_chip(raw)
+    seam = LazySwap(residents=2)
+    chip.seam = seam
+    a, b = SyncFile(chip, raw), SyncFile(chip, raw)
+    assert rc(a.cmd(create_primary())) == 0 and rc(b.cmd(create_primary())) == 0
+    for h in raw.handles(0x80000000):
+        raw.run(flush_context_of(h))
+    seam.loaded_flushed()
+    assert seam.residents == [] and a.state.space.context_tbl == [0, 0, 0]
+    with pytest.raises(OSError) as lost:  # the kernel's answer to a handle the file lacks
+        a.cmd(read_public(V0))
+    assert lost.value.errno == errno.EINVAL
+    assert rc(b.cmd(get_random())) == 0
+    a.close()
+    b.close()
+    assert raw.handles(0x80000000) == []
+
+
+def test_at_least_one_file_is_resident() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        LazySwap(residents=0)
 
 
 def test_a_file_alone_costs_one_backend_command_per_command(raw) -> None:
@@ -154,3 +255,35 @@ def test_through_the_daemon_a_client_alone_costs_one_backend_command_per_command
         relay.close()
         tpm.stop()
     assert "swap lazy" in d.log()
+
+
+def test_through_the_daemon_two_clients_resident_cost_one_backend_command_each(daemon, tmp_path) -> None:
+    """``--swap-residents 2``: two tpm2-pytss clients holding a key each, taking turns, cost
+    one command to the TPM each (with one resident, each turn puts the other's key away and
+    loads its own: up to four)."""
+    from cusetpm.testing.bench_paths import Client
+    from cusetpm.testing.relay import CountingRelay
+    from cusetpm.testing.swtpm import Swtpm
+
+    tpm = Swtpm.start(tmp_path / "swtpm")
+    relay = CountingRelay(tpm.port)
+    try:
+        d = daemon(
+            extra_args=["--tcti", f"swtpm:host=127.0.0.1,port={relay.port}", "--swap", "lazy", "--swap-residents", "2"]
+        )
+        one, two = Client("device", str(d.node)), Client("device", str(d.node))
+        try:
+            for c in (one, two):
+                c.sign()  # swtpm answers the first ECDSA Sign with TPM_RC_RETRY (the kernel resends)
+            before = relay.commands
+            for _ in range(10):
+                one.sign()
+                two.sign()
+            assert relay.commands - before == 20
+        finally:
+            one.close()
+            two.close()
+    finally:
+        relay.close()
+        tpm.stop()
+    assert "swap lazy (2 resident)" in d.log()

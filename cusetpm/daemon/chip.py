@@ -156,6 +156,7 @@ class TpmChip:
         self._fault = False
         if not self._transport_lost:
             flushed = await self.run(flush_leftovers(), Chip(DEFAULT_CORE_PROFILE))
+            self._tell_features("loaded_flushed")
             if flushed:
                 log.warning("flushed %d handles left in the TPM by a command whose answer was lost", flushed)
 
@@ -230,6 +231,7 @@ class TpmChip:
                 same = ident is not None and self.identity is not None and ident.same_as(self.identity)
                 if same and not self._transport_lost:
                     flushed = await self.command(flush_leftovers(), probe)
+                    self._tell_features("loaded_flushed")
                     for core, space in self._orphans:
                         await self.command(release_space(core, space), core)
                     log.warning("the TPM is back, the same TPM (%d handles of the cut-short command flushed)", flushed)
@@ -238,9 +240,7 @@ class TpmChip:
                     self.available = False  # register() said yes; the new epoch is not set yet
                     self.epoch += 1
                     self.restarts += 1
-                    features = {id(c.seam.feature): c.seam.feature for c in self._cores if c.seam is not None}
-                    for seam in features.values():
-                        seam.tpm_restarted()
+                    self._tell_features("tpm_restarted")
                     log.warning("the TPM was restarted: files opened before now get EPIPE (epoch %d)", self.epoch)
                 if not self._transport_lost:
                     break
@@ -251,6 +251,13 @@ class TpmChip:
         self._orphans.clear()
         self.available = True
         self._recovering = False
+
+    def _tell_features(self, event: str) -> None:
+        """Call the Seam method ``event`` of each feature of the nodes' seams, once however
+        many nodes share it."""
+        features = {id(c.seam.feature): c.seam.feature for c in self._cores if c.seam is not None}
+        for feature in features.values():
+            getattr(feature, event)()
 
     def queue_work(self, f: DeviceFile) -> None:
         """Queue an O_NONBLOCK command (queue_work(tpm_dev_wq, ...)).  One worker task runs

@@ -67,6 +67,12 @@ class Seam:
         handle a feature knows of is gone.  The kernel has no such event (its chip would be a
         new device with new files), so the kernel's seam does nothing."""
 
+    def loaded_flushed(self) -> None:
+        """The daemon flushed everything loaded in the TPM (objects and loaded sessions) after
+        a command whose answer was lost (cusetpm.daemon.chip): what a feature kept loaded
+        between commands is gone.  The kernel keeps nothing loaded between commands, so its
+        seam does nothing."""
+
     def release(self, chip: Chip, space: Space) -> Io[None]:
         """The file is closing: tpmrm_release() -> tpm2_del_space() flushes its sessions."""
         yield from del_space(space)

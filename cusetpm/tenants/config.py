@@ -69,6 +69,8 @@ class DaemonConfig:
     sessions: Settings = field(default_factory=Settings)
     #: ``kernel`` (save and flush after every command) or ``lazy`` (cusetpm.swap).
     swap: str = "kernel"
+    #: ``lazy``: how many files may stay loaded in the TPM at once.
+    swap_residents: int = 1
     #: Where it came from (None: the command line); SIGHUP rereads it.
     path: Path | None = None
 
@@ -77,6 +79,7 @@ class DaemonConfig:
             raise ConfigError(f'swap must be "kernel" or "lazy", not {self.swap!r}')
         if self.swap == "lazy" and any(n.sessions == "global" for n in self.nodes):
             raise ConfigError('swap "lazy" and sessions "global" cannot be combined yet')
+        check_residents(self.swap, self.swap_residents, "swap_residents")
 
 
 _NODE_KEYS = {
@@ -94,7 +97,7 @@ _SESSION_KEYS = {
     "quota_file": ("max_sessions_per_space", int),
     "quota_detached": ("max_detached_per_space", int),
 }
-_TOP = {"tpm": {"tcti", "state_dir", "swap"}, "front": {"node", "fuse_dir", "fuse_lib", "spin_us"},
+_TOP = {"tpm": {"tcti", "state_dir", "swap", "swap_residents"}, "front": {"node", "fuse_dir", "fuse_lib", "spin_us"},
         "metrics": {"listen"}, "control": {"path"}, "sessions": set(_SESSION_KEYS), "node": set()}  # fmt: skip
 
 
@@ -230,6 +233,8 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
         raise ConfigError(f'{src}: [tpm]: swap must be "kernel" or "lazy", not {swap!r}')
     if swap == "lazy" and any(n.sessions == "global" for n in nodes):
         raise ConfigError(f'{src}: [tpm]: swap "lazy" and sessions "global" cannot be combined yet')
+    residents = _typed(tpm, "swap_residents", int, f"{src}: [tpm]", 1)
+    check_residents(swap, residents, f"{src}: [tpm]: swap_residents")
     return DaemonConfig(
         nodes=nodes,
         tcti=_typed(tpm, "tcti", str, f"{src}: [tpm]") or None,
@@ -242,6 +247,7 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
         control=_typed(doc.get("control", {}), "path", str, f"{src}: [control]") or None,
         sessions=_session_settings(doc.get("sessions", {}), f"{src}: [sessions]"),
         swap=swap,
+        swap_residents=residents,
         path=path,
     )
 
@@ -270,6 +276,19 @@ def _session_settings(table: dict[str, Any], where: str) -> Settings:
 
 #: The FUSE directory's servers (see cusetpm.frontends.fuse).
 FUSE_LIBS = ("channel", "pyfuse3")
+
+
+#: The most files ``--swap-residents`` lets stay loaded: more than any TPM has room for.
+MAX_RESIDENTS = 64
+
+
+def check_residents(swap: str, residents: int, where: str = "--swap-residents") -> None:
+    """``swap_residents`` / ``--swap-residents``: 1..MAX_RESIDENTS, and more than 1 only with
+    lazy swapping (the kernel's way keeps no file loaded)."""
+    if isinstance(residents, bool) or not 1 <= residents <= MAX_RESIDENTS:
+        raise ConfigError(f"{where} must be 1..{MAX_RESIDENTS}, not {residents}")
+    if residents > 1 and swap != "lazy":
+        raise ConfigError(f'{where} needs swap "lazy" (--swap lazy)')
 
 
 def check_spin(value: float | None, where: str = "--spin-us") -> float:
@@ -303,6 +322,8 @@ def from_args(args: argparse.Namespace, kind: str, where: str) -> DaemonConfig:
         owner=user_id(args.owner),
         group=group_id(args.group),
     )
+    residents = getattr(args, "swap_residents", 1)
+    check_residents(args.swap, residents)
     settings = Settings(
         strict_tracking=args.session_tracking == "strict",
         evict_min_idle=args.session_idle,
@@ -323,4 +344,5 @@ def from_args(args: argparse.Namespace, kind: str, where: str) -> DaemonConfig:
         control=args.control,
         sessions=settings,
         swap=args.swap,
+        swap_residents=residents,
     )
