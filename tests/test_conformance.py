@@ -47,8 +47,13 @@ CORPUS = default_corpus()
 
 
 #: Opt-in features whose node must still answer as the kernel does, on the FUSE file.
-FEATURES = {"swap-lazy": ("--swap", "lazy"), "pyfuse3": ("--fuse-lib", "pyfuse3")}
-PARAMS = [(k, n, "") for n in NODE_KINDS for k in KERNELS] + [(k, "fuse", "swap-lazy") for k in KERNELS]
+FEATURES = {
+    "swap-lazy": ("--swap", "lazy"),
+    "swap-residents": ("--swap", "lazy", "--swap-residents", "3"),
+    "pyfuse3": ("--fuse-lib", "pyfuse3"),
+}
+PARAMS = [(k, n, "") for n in NODE_KINDS for k in KERNELS]
+PARAMS += [(k, "fuse", f) for f in ("swap-lazy", "swap-residents") for k in KERNELS]
 PARAMS += [("6.1", "fuse", "pyfuse3")]  # the FUSE library kept as an option, on the kernel with more differences
 
 
@@ -93,7 +98,7 @@ def test_transcripts_identical_to_the_kernel(comparison: Comparison) -> None:
 HOST_SCENARIOS = ["read-partial", "write-ebusy", "object-slots-exhaustion", "session-slots", "nonblock-async-errors"]
 
 
-@pytest.mark.parametrize("feature", ["", "swap-lazy"])
+@pytest.mark.parametrize("feature", ["", "swap-lazy", "swap-residents"])
 @pytest.mark.parametrize("name", HOST_SCENARIOS)
 def test_corpus_scenario_on_host_daemon(name: str, feature: str, daemon) -> None:
     """The runner against a ``cusetpm serve --fuse`` daemon on this host, fresh per scenario:
