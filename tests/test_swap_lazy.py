@@ -229,61 +229,37 @@ def test_a_file_alone_costs_one_backend_command_per_command(raw) -> None:
     assert raw.handles(0x80000000) == []
 
 
-def test_through_the_daemon_a_client_alone_costs_one_backend_command_per_command(daemon, tmp_path) -> None:
+@pytest.mark.parametrize("residents", [1, 2])
+def test_through_the_daemon_each_resident_client_costs_one_backend_command(daemon, tmp_path, residents: int) -> None:
     """tpm2-pytss on a ``--swap lazy`` node, its swtpm behind a counting relay: with its key
-    made, each Sign and GetRandom is one command to the TPM (the kernel's way: four each)."""
+    made, each Sign and GetRandom of a client alone is one command to the TPM (the kernel's
+    way: four each).  With ``--swap-residents 2`` so are those of two clients taking turns
+    (with one resident, each turn would put the other's key away and load its own)."""
     from cusetpm.testing.bench_paths import Client
     from cusetpm.testing.relay import CountingRelay
     from cusetpm.testing.swtpm import Swtpm
 
     tpm = Swtpm.start(tmp_path / "swtpm")
     relay = CountingRelay(tpm.port)
+    extra = ["--tcti", f"swtpm:host=127.0.0.1,port={relay.port}", "--swap", "lazy"]
+    extra += ["--swap-residents", str(residents)] if residents > 1 else []
     try:
-        d = daemon(extra_args=["--tcti", f"swtpm:host=127.0.0.1,port={relay.port}", "--swap", "lazy"])
-        client = Client("device", str(d.node))
+        d = daemon(extra_args=extra)
+        clients = [Client("device", str(d.node)) for _ in range(residents)]
         try:
-            client.get_random()
-            client.sign()  # swtpm answers the first ECDSA Sign with TPM_RC_RETRY (the kernel resends)
-            before = relay.commands
-            for _ in range(10):
-                client.sign()
-                client.get_random()
-            assert relay.commands - before == 20
-        finally:
-            client.close()
-    finally:
-        relay.close()
-        tpm.stop()
-    assert "swap lazy" in d.log()
-
-
-def test_through_the_daemon_two_clients_resident_cost_one_backend_command_each(daemon, tmp_path) -> None:
-    """``--swap-residents 2``: two tpm2-pytss clients holding a key each, taking turns, cost
-    one command to the TPM each (with one resident, each turn puts the other's key away and
-    loads its own: up to four)."""
-    from cusetpm.testing.bench_paths import Client
-    from cusetpm.testing.relay import CountingRelay
-    from cusetpm.testing.swtpm import Swtpm
-
-    tpm = Swtpm.start(tmp_path / "swtpm")
-    relay = CountingRelay(tpm.port)
-    try:
-        d = daemon(
-            extra_args=["--tcti", f"swtpm:host=127.0.0.1,port={relay.port}", "--swap", "lazy", "--swap-residents", "2"]
-        )
-        one, two = Client("device", str(d.node)), Client("device", str(d.node))
-        try:
-            for c in (one, two):
+            for c in clients:
+                c.get_random()
                 c.sign()  # swtpm answers the first ECDSA Sign with TPM_RC_RETRY (the kernel resends)
             before = relay.commands
             for _ in range(10):
-                one.sign()
-                two.sign()
-            assert relay.commands - before == 20
+                for c in clients:
+                    c.sign()
+                    c.get_random()
+            assert relay.commands - before == 20 * residents
         finally:
-            one.close()
-            two.close()
+            for c in clients:
+                c.close()
     finally:
         relay.close()
         tpm.stop()
-    assert "swap lazy (2 resident)" in d.log()
+    assert ("swap lazy (2 resident)" if residents > 1 else "swap lazy") in d.log()
