@@ -180,6 +180,9 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     one(rf"Goal \(node >= 1\.0x abrmd, commands/s, 4 clients\): node\(6\.12\): (NOT )?MET \({NUM}x\)")
     one(rf"Goal \(slowest / fastest client >= 0\.5, 4 clients\): node\(6\.12\): (NOT )?MET \({NUM}\)")
     one(r"CUSE node against the kernel's /dev/tpmrm0, one 6\.12 guest: not measured: --no-guest")
+    words = " ".join(r.stdout.split())
+    assert "the same client for every path, a tpm2-pytss TCTI loop (transmit the bytes" in words
+    assert "each the bench's client (a tpm2-pytss TCTI loop" in words  # the 4 clients too
     assert "FAILED" not in r.stdout
     assert list(tmp_path.iterdir()) == []
 
@@ -241,3 +244,13 @@ def test_the_guest_figure_in_a_small_run(tmp_path: Path) -> None:
     assert "2 rounds" in how and "(5 GetRandom, 3 ReadPublic)" in how, how
     assert "FAILED" not in r.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_report_names_the_clients_stack() -> None:
+    from argparse import Namespace
+
+    from cusetpm.testing.bench_report import api_words
+
+    assert api_words(Namespace(api="tcti")).startswith("a tpm2-pytss TCTI loop")
+    assert api_words(Namespace(api="esapi")).startswith("tpm2-pytss ESAPI (its receive reads the header")
+    assert api_words(Namespace()) == api_words(Namespace(api="tcti"))  # a report made before --api
