@@ -74,9 +74,20 @@ def check_bystander(fd: int, key: int, session: int) -> None:
     ok(fd, command(CC_POLICY_GET_DIGEST, u32(session)))
 
 
-@pytest.mark.parametrize("kernel", ["6.12", "6.1"])
-def test_mutated_commands_through_a_live_node(daemon, kernel):
-    d = daemon(kernel, inspectable=True, verbose=False)
+#: ``--swap lazy``: the bystander's key and session stay loaded between its commands (one
+#: resident: until a hostile file's command; three: beside the hostile files'), and must come
+#: through all the same (issue 9).
+LAZY = ("--swap", "lazy")
+RESIDENTS = (*LAZY, "--swap-residents", "3")
+
+
+@pytest.mark.parametrize(
+    "kernel,extra",
+    [("6.12", ()), ("6.1", ()), ("6.12", LAZY), ("6.12", RESIDENTS)],
+    ids=["6.12", "6.1", "6.12-swap-lazy", "6.12-swap-residents"],
+)
+def test_mutated_commands_through_a_live_node(daemon, kernel, extra):
+    d = daemon(kernel, extra_args=extra, inspectable=True, verbose=False)
     baseline = settled_backend_handles(d)
     assert baseline.transient == [] and baseline.loaded_sessions == [] and baseline.saved_sessions == []
 
@@ -164,7 +175,7 @@ def test_mutated_commands_through_a_live_node(daemon, kernel):
     assert swtpm_backend_handles(d) == baseline
     assert "Traceback" not in d.log()
     print(
-        f"\nhostile node ({kernel}): {N} mutants sent in {seconds:.1f} s ({N / seconds:.0f}/s), "
+        f"\nhostile node ({kernel}{' '.join(('',) + extra)}): {N} mutants sent in {seconds:.1f} s ({N / seconds:.0f}/s), "
         f"{len(left.saved_sessions)} sessions saved away by hostile files (flushed by hand), outcomes:"
     )
     for what, n in sorted(outcomes.items(), key=lambda kv: -kv[1]):
