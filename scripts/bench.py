@@ -42,6 +42,9 @@ Then the figures of issue 9, each against a baseline measured in the same run:
   backend command per user command,
 * 1 000 files open on a node in kernel mode, one GetRandom each: the daemon's VmRSS per file
   (bench_load): goal <= 8 KiB,
+* two clients, each holding its own key, signing in turn, on the node in kernel mode, with
+  ``--swap lazy``, with ``--swap lazy --swap-residents 2`` and on tpm2-abrmd (bench_turns):
+  µs and backend commands per Sign (no goal: what ``--swap-residents`` is for),
 * 64 client processes calling GetRandom at once for a fixed time, on the node in kernel mode
   and on tpm2-abrmd (bench_load, bench_clients): goal node >= 1.0x abrmd in commands/s, and
   the slowest client's count >= 0.5x the fastest's on the node,
@@ -55,7 +58,7 @@ times under TCG mean nothing).
 Prints; never asserts on speed.  Exits 1 only if some part failed to run.
 
 The parts live in cusetpm.testing: bench_rig (processes), bench_paths (client, paths,
-measuring), bench_floor, bench_limits, bench_load and bench_clients (the figures), bench_guest
+measuring), bench_floor, bench_limits, bench_load, bench_turns and bench_clients (the figures), bench_guest
 (the guest figure, both sides), bench_report (the tables and goals); swtpm, daemon and relay
 are the test support's own.
 """
@@ -75,6 +78,7 @@ from cusetpm.testing.bench_load import clients_figure, files_figure
 from cusetpm.testing.bench_paths import APIS, abrmd_route, count_commands, direct_route, measure, missing, node_route
 from cusetpm.testing.bench_report import Figures, report, report_guest
 from cusetpm.testing.bench_rig import Rig, serve_offers
+from cusetpm.testing.bench_turns import turns_figure, turns_paths
 
 # The relay's frame counting, as tests/test_bench.py checks it.
 from cusetpm.testing.relay import CountingRelay, count_frames  # noqa: F401
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files-warmup", type=int, default=10, help="files opened before the first VmRSS (default 10)")
     ap.add_argument("--clients", type=int, default=64, help="client processes at once (default 64; 0: skip)")
     ap.add_argument("--client-seconds", type=float, default=5.0, help="how long they run, per path (default 5)")
+    ap.add_argument("--turns", type=int, default=15,
+                    help="turns per batch of two clients signing in turn (default 15; 0: skip)")  # fmt: skip
     ap.add_argument("--guest", action=argparse.BooleanOptionalAction, default=True,
                     help="the CUSE node against the kernel's /dev/tpmrm0 in a 6.12 guest (default: on)")  # fmt: skip
     ap.add_argument("--guest-only", action="store_true", help="only the guest figure")
@@ -145,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.files:
             with rig.phase():
                 figures.files = files_figure(rig, kernels[0], args.files, args.files_warmup)
+        if args.turns:
+            with rig.phase():
+                figures.turns = turns_figure(
+                    rig, kernels[0], args.rounds, args.turns, args.count,
+                    turns_paths(kernels[0], serve_offers("--swap-residents"), not args.no_abrmd), args.api,
+                )  # fmt: skip
         if args.clients:
             with rig.phase():
                 figures.load = clients_figure(

@@ -95,6 +95,16 @@ def test_the_figures_report_failures_and_what_was_not_measured() -> None:
     assert "Goal (node >= 1.0x abrmd, commands/s, 64 clients): not measured" in out
     assert out[-1] == "Goal (slowest / fastest client >= 0.5, 64 clients): node(6.12): NOT MET (0.33)"
     assert Figures(files=files).failed() and not Figures(load=[node]).failed()
+    from cusetpm.testing.bench_report import report_turns
+    from cusetpm.testing.bench_turns import TurnsPath, turns_paths
+
+    assert [p.label for p in turns_paths("6.1", residents=False, abrmd=False)] == ["node(6.1)", "node(6.1,lazy)"]
+    ok, broken = TurnsPath("node(6.12,lazy,2)", (), batches=[700, 600, 650], cmds=1.0), TurnsPath("abrmd", None)
+    broken.error = "command count: RuntimeError: gone"
+    out = report_turns([ok, broken])
+    assert out[1].split() == ["µs", "per", "Sign", "650", "n/a"] and out[2].split()[-2:] == ["1.00", "n/a"]
+    assert out[-1] == "  abrmd: FAILED: command count: RuntimeError: gone"
+    assert Figures(turns=[broken]).failed() and not Figures(turns=[ok]).failed()
 
 
 NUM = r"-?\d+(\.\d+)?"
@@ -102,7 +112,7 @@ NUM = r"-?\d+(\.\d+)?"
 
 def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -> None:
     args = ["--rounds", "1", "--random", "2", "--sign", "1", "--warmup", "1", "--count", "2", "--kernel", "6.12"]
-    args += ["--floor", "200", "--files", "50", "--clients", "4", "--client-seconds", "1", "--no-guest"]
+    args += ["--floor", "200", "--files", "50", "--clients", "4", "--client-seconds", "1", "--turns", "2", "--no-guest"]
     env = dict(os.environ, TMPDIR=str(tmp_path))
     r = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
@@ -179,6 +189,13 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     one(r"client CPU per command, µs +\d+ +\d+")
     one(rf"Goal \(node >= 1\.0x abrmd, commands/s, 4 clients\): node\(6\.12\): (NOT )?MET \({NUM}x\)")
     one(rf"Goal \(slowest / fastest client >= 0\.5, 4 clients\): node\(6\.12\): (NOT )?MET \({NUM}\)")
+    # Two clients taking turns: one backend command a Sign only with both resident.
+    if lazy:
+        one(
+            r"Two clients taking turns, each its own key +node\(6\.12\) +node\(6\.12,lazy\) +node\(6\.12,lazy,2\) +abrmd"
+        )
+        one(r"µs per Sign +\d+ +\d+ +\d+ +\d+")
+        one(r"backend cmds per Sign +4\.00 +4\.00 +1\.00 +\d\.\d\d")
     one(r"CUSE node against the kernel's /dev/tpmrm0, one 6\.12 guest: not measured: --no-guest")
     words = " ".join(r.stdout.split())
     assert "the same client for every path, a tpm2-pytss TCTI loop (transmit the bytes" in words

@@ -14,6 +14,7 @@ from .bench_guest import DEFAULT_NAME, GUEST_GOAL, PATHS, ROWS, GuestFigure
 from .bench_limits import BackendCost, cycle_commands
 from .bench_load import FAIRNESS_GOAL, FILE_KIB_GOAL, THROUGHPUT_GOAL, FilesFigure, LoadFigure
 from .bench_paths import OPS, Route
+from .bench_turns import TurnsPath
 
 #: Issue 9's goals against the limits and abrmd, all ratios in the same run.
 LIMIT_GOAL = 1.3  # a node's row costs at most this times its limit
@@ -55,10 +56,11 @@ class Figures:
     backend: BackendCost | None = None
     files: FilesFigure | None = None
     load: list[LoadFigure] = field(default_factory=list)
+    turns: list[TurnsPath] = field(default_factory=list)
     guest: GuestFigure | None = None
 
     def failed(self) -> bool:
-        parts = [self.floor, self.backend, self.files, *self.load, self.guest]
+        parts = [self.floor, self.backend, self.files, *self.load, *self.turns, self.guest]
         return any(x is not None and x.error for x in parts)
 
 
@@ -149,6 +151,13 @@ def report_load(figs: list[LoadFigure]) -> list[str]:
     verdict = "not measured" if fair is None else f"{met(fair >= FAIRNESS_GOAL)} ({fair:.2f})"
     out.append(f"Goal (slowest / fastest client >= {FAIRNESS_GOAL}, {node.clients} clients): {node.label}: {verdict}")
     return out
+
+
+def report_turns(paths: list[TurnsPath]) -> list[str]:
+    """Two clients taking turns to Sign: µs and backend commands per Sign, per path."""
+    cols = [[p.label, ratio(p.median(), None), "n/a" if p.cmds is None else f"{p.cmds:.2f}"] for p in paths]
+    out = grid("Two clients taking turns, each its own key", ["µs per Sign", "backend cmds per Sign"], cols)
+    return out + [f"  {p.label}: FAILED: {p.error}" for p in paths if p.error]
 
 
 GUEST_TITLE = "CUSE node against the kernel's /dev/tpmrm0"
@@ -246,6 +255,13 @@ def how_figures(args: argparse.Namespace) -> str:
             "client's count over its own time; server CPU: the daemon's or abrmd's process (not its swtpm) "
             "over the window."
         )
+    if getattr(args, "turns", 0):
+        parts.append(
+            f"Turns: per path two connections, each holding its own ECC P-256 primary, Sign in turn "
+            f"(one of each a turn), {args.turns} turns a batch, {args.rounds} interleaved rounds, each path on "
+            "its own fresh swtpm (the nodes through --tcti swtpm:...); µs per Sign: median over rounds of the "
+            f"batch mean; backend commands: {args.count} turns through a counting relay."
+        )
     return "".join(f"{x}  " for x in parts)
 
 
@@ -299,6 +315,7 @@ def report(
         report_limits(paths, figures.backend, figures.floor),
         report_files(figures.files) if figures.files else [],
         report_load(figures.load) if figures.load else [],
+        report_turns(figures.turns) if figures.turns else [],
         report_guest(figures.guest) if figures.guest else [],
     ):
         if part:
