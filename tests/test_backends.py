@@ -170,8 +170,7 @@ def test_tcti_backend_talks_to_swtpm():
     try:
         trio.run(main)
     finally:
-        raw.proc.terminate()
-        raw.proc.wait()
+        raw.close()  # stops swtpm and removes its state directory
 
 
 def test_tcti_backend_bad_conf_is_a_backend_error():
