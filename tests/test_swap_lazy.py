@@ -263,3 +263,31 @@ def test_through_the_daemon_each_resident_client_costs_one_backend_command(daemo
         relay.close()
         tpm.stop()
     assert ("swap lazy (2 resident)" if residents > 1 else "swap lazy") in d.log()
+
+
+def test_resident_files_of_two_nodes_share_the_tpm(raw) -> None:
+    """Nodes on one TPM share one LazySwap (tenants): a file of one node is put away, in a
+    work space of its own, while a file of the other node's command runs."""
+    from cusetpm.kernel.profiles import PROFILES
+    from cusetpm.kernel.structs import Chip as CoreChip
+
+    first = make_chip(raw, "6.12")
+    second = CoreChip(PROFILES["6.1"], first.cc_attrs_tbl)
+    seam = LazySwap(residents=2)
+    first.seam = second.seam = seam
+    a, b, c = SyncFile(first, raw), SyncFile(second, raw), SyncFile(first, raw)
+    for f in (a, a, b):
+        assert rc(f.cmd(create_primary())) == 0
+    assert [chip for _, chip in seam.residents] == [first, second]
+    raw.log.clear()
+    # c (first node) is not resident and two are: a, the least recently used, is put away.
+    assert rc(c.cmd(create_primary())) == 0
+    assert seam.counters["evictions"] == 1 and seam.counters["room_made"] == 0
+    assert [s for s, _ in seam.residents] == [b.state.space, c.state.space]
+    # a's command (first node) puts b (second node) away, then b's puts c away: every key back.
+    assert rc(a.cmd(read_public(V0))) == 0 and rc(a.cmd(read_public(V1))) == 0
+    assert seam.counters["evictions"] == 2 and [s for s, _ in seam.residents] == [c.state.space, a.state.space]
+    assert rc(b.cmd(read_public(V0))) == 0 and rc(c.cmd(read_public(V0))) == 0
+    for f in (a, b, c):
+        f.close()
+    assert raw.handles(0x80000000) == [] and seam.residents == []
