@@ -133,11 +133,6 @@ class LazySwap(Seam):
         #: commands sent again once another file made room.
         self.counters = {"resident_commands": 0, "evictions": 0, "full_commits": 0, "room_made": 0}
 
-    @property
-    def resident(self) -> Space | None:
-        """The file that used the TPM last, if it is still resident."""
-        return self.residents[-1][0] if self.residents else None
-
     def _index(self, space: Space) -> int:
         for i, (s, _) in enumerate(self.residents):
             if s is space:
