@@ -61,7 +61,7 @@ HR_TRANSIENT = 0x80000000
 HR_LOADED_SESSION = 0x02000000
 HR_SAVED_SESSION = 0x03000000  # TPM_HT_ACTIVE_SESSION: sessions whose context is saved
 
-_SWTPM_LINE = re.compile(r"started swtpm \(pid (\d+)\) on 127\.0\.0\.1:(\d+)")
+_SWTPM_LINE = re.compile(r"started swtpm \(pid (\d+)\) on @")
 
 
 # --- small process helpers ------------------------------------------------------------------
@@ -109,7 +109,6 @@ class Daemon:
     kernel: str
     #: The swtpm the daemon started (None when it was given --tcti).
     swtpm_pid: int | None = None
-    swtpm_port: int | None = None
     #: The test's own swtpm behind a multiplexer (``inspectable=True``), else None.
     mux: SwtpmMux | None = None
     returncode: int | None = field(default=None, init=False)
@@ -179,7 +178,7 @@ def _start(
     text = d.log()
     m = _SWTPM_LINE.search(text)
     if m:
-        d.swtpm_pid, d.swtpm_port = int(m.group(1)), int(m.group(2))
+        d.swtpm_pid = int(m.group(1))
     elif not inspectable and verbose and "--tcti" not in extra_args:
         pytest.fail(f"no 'started swtpm' line in the log of cusetpm -v:\n{text}")
     assert os.path.exists(d.node), f"{d.node} does not exist although cusetpm says it serves it"

@@ -23,9 +23,11 @@ def test_managed_swtpm_starts_answers_and_stops(tmp_path):
             assert be32(rsp, 6) == 0
             rsp = await backend.transmit(get_random(8), 2.0)
             assert be32(rsp, 6) == 0 and len(rsp) == 20
-            port = backend.port
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            address = backend.unix
+            assert address is not None and address.startswith("\0")  # abstract: no file to remove
+            assert backend.port == 0  # no TCP port at all
+        with pytest.raises(ConnectionRefusedError), socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(address)  # swtpm is gone, and its socket with it
 
     trio.run(main)
 

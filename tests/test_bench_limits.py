@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -205,6 +206,33 @@ def test_a_closed_tpm_is_an_error_not_a_hang(tmp_path: Path) -> None:
         tpm.close()
     finally:
         swtpm.stop()
+
+
+@needs_swtpm
+def test_the_backend_cost_is_measured_over_a_unix_socket_as_the_managed_swtpm_serves() -> None:
+    """The node's managed swtpm serves on a Unix socket, so its limit is measured over one too."""
+    from cusetpm.testing.bench_rig import Rig
+
+    rig = Rig()
+    try:
+        swtpm = rig.start_swtpm("backend", unix=True)
+        assert swtpm.port == 0 and swtpm.unix is not None and swtpm.unix.startswith("\0")
+        bench = bench_limits.start_backend(rig, {"get_random": 3, "sign": 2}, warmup=1)
+        assert bench.cost.error is None
+        assert isinstance(bench.address, str) and bench.tpm is not None
+        assert bench.tpm.sock.family == socket.AF_UNIX
+        bench.round()
+        assert bench.cost.median("alone", GR)
+        tpm = RawTpm(swtpm.unix, timeout=10)
+        try:
+            assert len(tpm.call(bench_limits.GET_RANDOM)) == 10 + 2 + 16
+        finally:
+            tpm.close()
+        swtpm.stop()
+        with pytest.raises(ConnectionRefusedError):
+            swtpm.connect(1).close()  # gone with swtpm: nothing is left behind
+    finally:
+        rig.close()
 
 
 def test_the_floor_report_judges_each_placement() -> None:

@@ -47,6 +47,25 @@ async def connect_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def connect_unix(address: str) -> socket.socket:
+    """A connected non-blocking Unix stream socket to ``address`` (a path, or a name in the
+    abstract namespace: a leading NUL), or :class:`BackendError`."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        try:
+            sock.connect(address)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err)) from None
+    except OSError as exc:
+        sock.close()
+        raise BackendError(f"cannot connect to TPM at {address!r}: {exc.strerror or exc}") from None
+    return sock
+
+
 async def send_all(sock: socket.socket, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -70,15 +89,18 @@ async def recv_some(sock: socket.socket, most: int = 65536) -> bytes:
 
 
 class SocketBackend:
-    """A TPM that speaks raw TPM 2.0 commands on a TCP stream, as swtpm's server port does.
+    """A TPM that speaks raw TPM 2.0 commands on a stream socket, as swtpm's server does: TCP
+    to ``host:port``, or a Unix socket at ``unix`` when that is set (the managed swtpm's: an
+    exchange over loopback TCP costs 10 to 20 µs more, issue 9).
 
     Uses a plain non-blocking socket and trio's readiness waits: this is on every command's
     path, and trio's socket wrappers cost as much again as the exchange itself.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, unix: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.unix = unix
         self.commands_sent = 0
         self._sock: socket.socket | None = None
         #: While :meth:`watch` runs: its sleep, the deadline of the exchange in flight (inf:
@@ -88,7 +110,10 @@ class SocketBackend:
         self._timed_out = False
 
     async def connect(self) -> None:
-        self._sock = await connect_tcp(self.host, self.port)
+        if self.unix is not None:
+            self._sock = await connect_unix(self.unix)
+        else:
+            self._sock = await connect_tcp(self.host, self.port)
 
     async def watch(self) -> None:
         """Time every exchange out from this one task (the chip runs it while it serves).
@@ -176,6 +201,15 @@ class SocketBackend:
             rsp += await recv_some(sock)
             if len(rsp) >= wire.TPM_HEADER_SIZE and len(rsp) >= be32(rsp, 2):
                 return rsp
+
+    async def probe(self, command: bytes) -> bytes:
+        """One exchange outside the count and the deadlines (a start-up check)."""
+        assert self._sock is not None
+        return await self._exchange(command)
+
+    def close(self) -> None:
+        """Drop the connection (a later :meth:`connect` makes a new one)."""
+        self._drop()
 
     def _drop(self) -> None:
         if self._sock is not None:

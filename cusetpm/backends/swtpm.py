@@ -2,7 +2,7 @@
 """swtpm, started for the user: the one place its command line is built.
 
 :func:`swtpm_argv` is used by the daemon's managed swtpm, the test support and the bench
-alike; :func:`managed_swtpm` starts one on free loopback ports and connects a
+alike; :func:`managed_swtpm` starts one on a Unix socket of its own and connects a
 :class:`~cusetpm.backends.socket.SocketBackend` to it.
 """
 
@@ -12,9 +12,11 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 from pathlib import Path
 from typing import AsyncIterator, Sequence
@@ -61,17 +63,24 @@ def swtpm_argv(
     log_level: int = 1,
     exe: str = "swtpm",
     extra: Sequence[str] = (),
+    listen_fd: int | None = None,
 ) -> list[str]:
-    """``swtpm socket --tpm2`` serving commands on 127.0.0.1:port and control on port+1.
+    """``swtpm socket --tpm2`` serving commands on 127.0.0.1:port and control on port+1, or,
+    with ``listen_fd``, commands on that listening Unix socket and no control channel.
 
     ``flags`` is swtpm's ``--flags`` (None: none, so the TPM waits for the control port's
     init as a freshly powered TPM does).
     """
     state = Path(state_dir)
+    if listen_fd is not None:
+        channels = ["--server", f"type=unixio,fd={listen_fd}"]
+    else:
+        channels = [
+            "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+            "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+        ]  # fmt: skip
     argv = [
-        exe, "socket", "--tpm2",
-        "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-        "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+        exe, "socket", "--tpm2", *channels,
         "--tpmstate", f"dir={state}",
         "--log", f"file={state / 'swtpm.log'},level={log_level}",
     ]  # fmt: skip
@@ -82,6 +91,11 @@ def swtpm_argv(
 
 class ManagedSwtpm(SocketBackend):
     """A swtpm the daemon started, and starts again on the same state if it dies.
+
+    It serves on a Unix socket in the abstract namespace, which the daemon binds and hands
+    to swtpm (``--server type=unixio,fd=N``): an exchange costs 10 to 20 µs less than over
+    loopback TCP (issue 9), no port can be taken meanwhile, and no file is left behind.  It
+    has no control channel: the daemon never uses one.
 
     The restart is what a power cycle is to a real TPM: the daemon's recovery
     (:mod:`cusetpm.daemon.recovery`) sees a TPM waiting for Startup and starts a new epoch.
@@ -97,14 +111,21 @@ class ManagedSwtpm(SocketBackend):
 
     async def start(self, attempts: int = 5) -> None:
         for attempt in range(attempts):
-            self.port = free_port_pair()
-            proc = subprocess.Popen(
-                swtpm_argv(self.state, self.port, exe=self.exe),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent,
-            )
+            self.unix = f"\0cusetpm-swtpm-{os.getpid()}-{secrets.token_hex(8)}"
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                listener.bind(self.unix)
+                listener.listen(1)
+                proc = subprocess.Popen(
+                    swtpm_argv(self.state, 0, exe=self.exe, listen_fd=listener.fileno()),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(listener.fileno(),),
+                    preexec_fn=_die_with_parent,
+                )
+            finally:
+                listener.close()  # swtpm's now: once it dies, a connect() is refused
             try:
                 await _wait_connect(self, proc)
             except BackendError:
@@ -113,7 +134,7 @@ class ManagedSwtpm(SocketBackend):
                     raise
                 continue
             self.proc = proc
-            log.info("started swtpm (pid %d) on 127.0.0.1:%d, state in %s", proc.pid, self.port, self.state)
+            log.info("started swtpm (pid %d) on @%s, state in %s", proc.pid, self.unix[1:], self.state)
             return
 
     async def reconnect(self) -> None:
@@ -167,13 +188,21 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+#: GetTestResult: any answer (before Startup, TPM_RC_INITIALIZE) says swtpm serves.
+PROBE = struct.pack(">HII", 0x8001, 10, 0x17C)
+
+
 async def _wait_connect(backend: SocketBackend, proc: subprocess.Popen[bytes]) -> None:
+    """Connect, and see swtpm answer: a connect() to its socket succeeds before swtpm has even
+    read its state, so only an answer tells that it started."""
     with trio.move_on_after(10):
         while proc.poll() is None:
             try:
                 await backend.connect()
+                await backend.probe(PROBE)
                 return
-            except BackendError:
+            except (BackendError, OSError, EOFError):
+                backend.close()
                 await trio.sleep(0.02)
     err = proc.stderr.read().decode(errors="replace").strip() if proc.poll() is not None and proc.stderr else ""
     raise BackendError(f"swtpm did not start: {err or 'no connection within 10 s'}")

@@ -221,8 +221,9 @@ def api_words(args: argparse.Namespace) -> str:
 
 def how_figures(args: argparse.Namespace) -> str:
     parts = [
-        "Backend cost: one more fresh swtpm (the same arguments), one persistent TCP connection to its data "
-        "channel from this process, raw command bytes (blocking socket, TCP_NODELAY), every response code "
+        "Backend cost: one more fresh swtpm (the same arguments, serving on a Unix socket as the node's "
+        "managed swtpm does), one persistent connection to its data channel from this process, raw command "
+        "bytes (blocking socket), every response code "
         "checked (RETRY and TESTING sent again, as the kernel does); an ECC P-256 signing primary made once.  "
         "In each round, after the paths' batches, with the bench thread and that swtpm pinned to one CPU: per "
         "row one batch of the command alone (the key loaded for its rows) and one inside the kernel's cycle "

@@ -108,9 +108,11 @@ class Rig:
         """A fresh swtpm with cusetpm's managed arguments; returns its data port."""
         return self.start_swtpm(name, startup).port
 
-    def start_swtpm(self, name: str, startup: bool = True) -> Swtpm:
-        """The same, the whole :class:`Swtpm` (its process, for one the bench pins to a CPU)."""
-        swtpm = Swtpm.start(self.dir(name), flags=STARTED if startup else NEEDS_STARTUP)
+    def start_swtpm(self, name: str, startup: bool = True, unix: bool = False) -> Swtpm:
+        """The same, the whole :class:`Swtpm` (its process, for one the bench pins to a CPU);
+        ``unix``: on a Unix socket, as the daemon's managed swtpm."""
+        flags = STARTED if startup else NEEDS_STARTUP
+        swtpm = Swtpm.start_unix(self.dir(name), flags=flags) if unix else Swtpm.start(self.dir(name), flags=flags)
         self.stack.callback(swtpm.stop)
         return swtpm
 

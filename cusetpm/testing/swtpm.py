@@ -9,6 +9,7 @@ control channel accept, and :meth:`Swtpm.stop` stops it and removes its state.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cusetpm.backends import free_port_pair, swtpm_argv
+from cusetpm.backends.swtpm import PROBE
 
 #: swtpm's --flags for a TPM that is up and started (Startup(CLEAR) done by swtpm itself).
 STARTED = "not-need-init,startup-clear"
@@ -47,6 +49,36 @@ class Swtpm:
     #: swtpm's stderr, a file in the state dir.
     stderr_path: Path
     keep_state: bool = False
+    #: The Unix socket it serves on instead (:meth:`start_unix`; ``port`` is then 0).
+    unix: str | None = None
+
+    @classmethod
+    def start_unix(
+        cls, state_dir: str | os.PathLike[str], *, flags: str | None = STARTED, timeout: float = 10.0
+    ) -> Swtpm:
+        """A fresh swtpm serving on a Unix socket in the abstract namespace, as cusetpm's
+        managed swtpm does (:class:`cusetpm.backends.swtpm.ManagedSwtpm`); no control channel."""
+        state = Path(state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        stderr_path = state / "swtpm.stderr"
+        address = f"\0cusetpm-bench-swtpm-{os.getpid()}-{secrets.token_hex(8)}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, open(stderr_path, "wb") as err:
+            listener.bind(address)
+            listener.listen(1)
+            proc = subprocess.Popen(
+                swtpm_argv(state, 0, flags=flags, listen_fd=listener.fileno()),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, pass_fds=(listener.fileno(),),
+            )  # fmt: skip
+        swtpm = cls(proc, 0, state, stderr_path, unix=address)
+        try:  # an answer to a probe says it serves (a connect() succeeds before that)
+            with swtpm.connect(timeout) as probe:
+                probe.sendall(PROBE)
+                if len(probe.recv(4096)) < 10:
+                    raise OSError("no answer")
+        except OSError as exc:
+            swtpm.stop()
+            raise RuntimeError(f"swtpm did not start ({exc}): {swtpm.stderr().strip()[-400:]}") from None
+        return swtpm
 
     @classmethod
     def start(
@@ -105,6 +137,15 @@ class Swtpm:
     def connect(self, timeout: float | None = 30.0) -> socket.socket:
         """A data-channel connection (TCP_NODELAY; ``timeout`` None: blocking); swtpm serves
         one such client at a time."""
+        if self.unix is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(self.unix)
+            except OSError:
+                sock.close()
+                raise
+            return sock
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
