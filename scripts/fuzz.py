@@ -13,7 +13,9 @@ inputs per target in a few minutes:
 * ``cuse-parse``: hostile FUSE/CUSE request bytes through ``cuse_proto.parse_request`` and the
   reply the loop would send without a device;
 * ``cuse-loop``: the same through the CUSE request loop on a socket pair, every reply checked
-  and the loop shown still serving after every batch.
+  and the loop shown still serving after every batch;
+* ``fuse-loop``: a FUSE mount's requests (lookups, attributes, the directory listing, and the
+  file operations) through a FUSE node's request loop, the same way.
 
 Prints one line per target (inputs, seconds, failures) and exits 1 if anything failed; each
 failure is printed with the input that caused it, to become a regression test.
@@ -104,13 +106,14 @@ def fuzz_cuse_parse(n: int, seed: int) -> Result:
     return result
 
 
-def fuzz_cuse_loop(n: int, seed: int, batch: int = 250) -> Result:
-    result = Result("cuse-loop")
+def fuzz_cuse_loop(n: int, seed: int, batch: int = 250, fuse: bool = False) -> Result:
+    result = Result("fuse-loop" if fuse else "cuse-loop")
     rng = random.Random(seed)
 
     async def body(rig: LoopRig) -> None:
         while rig.sent < n:
-            frames = [hostile_request(rng, 0, sorted(rig.server.files)[-8:]) for _ in range(min(batch, n - rig.sent))]
+            fhs = sorted(rig.server.files)[-8:]
+            frames = [hostile_request(rng, 0, fhs, fuse) for _ in range(min(batch, n - rig.sent))]
             await rig.feed(frames)
             try:
                 await rig.still_serves()
@@ -123,7 +126,7 @@ def fuzz_cuse_loop(n: int, seed: int, batch: int = 250) -> Result:
         result.inputs = rig.sent
 
     try:
-        run_loop(body)
+        run_loop(body, fuse)
     except Exception as exc:
         result.fail(f"the loop died: {exc!r}")
     result.notes = f"in batches of {batch}, the loop checked alive after each"
@@ -134,7 +137,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", type=int, default=1_000_000, help="inputs per target (default 10^6)")
     parser.add_argument("--seed", type=int, default=10)
-    parser.add_argument("--targets", default="core-6.1,core-6.12,cuse-parse,cuse-loop")
+    parser.add_argument("--targets", default="core-6.1,core-6.12,cuse-parse,cuse-loop,fuse-loop")
     args = parser.parse_args()
     logging.disable(logging.CRITICAL)  # the port logs what the kernel logs, per input
 
@@ -143,6 +146,7 @@ def main() -> int:
         "core-6.12": lambda: fuzz_core("6.12", args.inputs, args.seed + 1),
         "cuse-parse": lambda: fuzz_cuse_parse(args.inputs, args.seed),
         "cuse-loop": lambda: fuzz_cuse_loop(args.inputs, args.seed),
+        "fuse-loop": lambda: fuzz_cuse_loop(args.inputs, args.seed, fuse=True),
     }
     results = []
     for name in args.targets.split(","):

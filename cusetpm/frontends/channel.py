@@ -250,7 +250,14 @@ class Channel:
             done = self._releasing[req.unique] = trio.Event()
             nursery.start_soon(self.release, req, done)
             return
-        out = self.other(req)
+        try:
+            out = self.other(req)
+        except proto.ProtocolError as e:
+            # A body the file system cannot parse (a LOOKUP's name without its NUL, a short
+            # READDIR): answered like a malformed request, and the loop goes on.
+            log.warning("%s: malformed request (%s)", self.name, e)
+            wants = req.unique and req.header.opcode not in proto.NO_REPLY_OPCODES
+            out = proto.reply_error(req.unique, errno.EIO) if wants else None
         if out is not None:
             self.send(out)
 

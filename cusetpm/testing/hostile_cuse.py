@@ -1,9 +1,12 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Hostile FUSE/CUSE requests for the fuzz tests and ``make fuzz``: valid requests of every
-opcode cuse.c sends (and some it never does), and mutations of them.
+opcode cuse.c sends (and some it never does), and mutations of them; with ``fuse=True`` also
+the file-system requests a FUSE mount sends (lookups, attributes, the directory listing).
 
-Only the CUSE front end parses FUSE requests itself (:mod:`cusetpm.frontends.cuse_proto`); the
-FUSE front end's are parsed by libfuse inside pyfuse3, so there is nothing of ours to fuzz there.
+Both front ends parse requests themselves (:mod:`cusetpm.frontends.cuse_proto`, and
+:mod:`cusetpm.frontends.fuse_proto` for the FUSE file's directory), on the same request loop
+(:class:`cusetpm.frontends.channel.Channel`); both loops are fuzzed here on a socket pair.
+(``--fuse-lib pyfuse3`` leaves parsing to libfuse: nothing of ours to fuzz there.)
 Like :mod:`.hostile`, everything takes a :class:`random.Random`.
 """
 
@@ -16,12 +19,16 @@ import select
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import trio
 
-from ..daemon.node import Opener
+from ..daemon.node import Node, Opener
 from ..frontends import cuse_proto as p
+from ..frontends import fuse_proto as fsp
+from ..frontends.channel import Channel
 from ..frontends.cuse import _Server
+from ..frontends.fuse import FILE_INODE, TpmFuse
 
 #: Opcodes to build: every one the parser names, FSYNC, and two it does not know.
 OPCODES = (
@@ -29,6 +36,11 @@ OPCODES = (
     p.Opcode.POLL, p.Opcode.INTERRUPT, p.Opcode.IOCTL, p.Opcode.DESTROY, p.Opcode.FORGET,
     p.Opcode.BATCH_FORGET, p.Opcode.FSYNC, 1, 777,
 )  # fmt: skip
+
+#: ... and the FUSE file system's own (a FUSE node's directory).
+FS_OPCODES = (*OPCODES[1:-2], *fsp.FsOpcode, 2, 999)
+#: Inodes a FUSE request names: none, the directory, the node's file, one that never was.
+NODEIDS = (0, fsp.ROOT_INODE, FILE_INODE, FILE_INODE + 1, (1 << 64) - 1)
 
 _U64 = (0, 1, 2, 0xFFFFFFFF, 1 << 63, (1 << 64) - 1)
 _U32 = (0, 1, 6, 10, 4096, 4097, 0x7FFFFFFF, 0xFFFFFFFF)
@@ -75,16 +87,34 @@ def body_for(rng: random.Random, opcode: int, fhs: list[int]) -> bytes:
         return p.IOCTL_IN.pack(fh, p.FUSE_IOCTL_UNRESTRICTED, _u32(rng), rng.getrandbits(64), len(data), 0) + data
     if opcode in (p.Opcode.FORGET, p.Opcode.FSYNC):
         return struct.pack("=QII", fh, 0, 0)
-    return rng.randbytes(rng.choice((0, 8, 40)))
+    if opcode == fsp.FsOpcode.LOOKUP:
+        return rng.choice((b"tpmrm0\0", b"\0", b"..\0", b"tpmrm0", b"", rng.randbytes(rng.choice((1, 255, 300)))))
+    if opcode == fsp.FsOpcode.GETATTR:
+        return struct.pack("=IIQ", rng.choice((0, 1)), 0, fh)
+    if opcode == fsp.FsOpcode.OPENDIR:
+        return p.OPEN_IN.pack(flags, 0)
+    if opcode == fsp.FsOpcode.READDIR:
+        return p.READ_IN.pack(fh, rng.choice((0, 1, 2, 3, 1 << 63)), rng.choice((0, 24, 4096, 0xFFFFFFFF)), 0, 0, 0, 0)
+    if opcode == fsp.FsOpcode.RELEASEDIR:
+        return p.RELEASE_IN.pack(fh, flags, 0, 0)
+    if opcode == fsp.FsOpcode.INIT:
+        return fsp.INIT_IN.pack(rng.choice((7, 8)), rng.choice((31, 38, 41, 0)), 1 << 17, _u32(rng))
+    if opcode == fsp.FsOpcode.ACCESS:
+        return struct.pack("=II", rng.choice((0, 1, 2, 4, 7)), 0)
+    return rng.randbytes(rng.choice((0, 8, 40, 88)))
 
 
-def valid_request(rng: random.Random, unique: int, fhs: list[int]) -> bytes:
-    opcode = rng.choice(OPCODES)
-    return p.build_request(opcode, unique, body_for(rng, opcode, fhs), uid=1000, gid=100, pid=rng.randrange(1, 1 << 22))
+def valid_request(rng: random.Random, unique: int, fhs: list[int], fuse: bool = False) -> bytes:
+    """A well-formed request: CUSE's opcodes, or with ``fuse`` a FUSE mount's (naming inodes)."""
+    opcode = rng.choice(FS_OPCODES if fuse else OPCODES)
+    nodeid = rng.choice(NODEIDS) if fuse else 0
+    body = body_for(rng, opcode, fhs)
+    return p.build_request(opcode, unique, body, nodeid=nodeid, uid=1000, gid=100, pid=rng.randrange(1, 1 << 22))
 
 
-def mutate_request(rng: random.Random, frame: bytes) -> bytes:
+def mutate_request(rng: random.Random, frame: bytes, fuse: bool = False) -> bytes:
     """Bit flips, truncation, extension, a wrong length field, a wrong opcode, a body of another."""
+    opcodes = FS_OPCODES if fuse else OPCODES
     b = bytearray(frame)
     for _ in range(rng.choice((1, 1, 2, 3))):
         kind = rng.randrange(7)
@@ -99,22 +129,22 @@ def mutate_request(rng: random.Random, frame: bytes) -> bytes:
         elif kind == 3 and len(b) >= 4:
             struct.pack_into("=I", b, 0, rng.choice((0, 1, 39, 40, len(b) - 1, len(b) + 1, 0xFFFFFFFF)))
         elif kind == 4 and len(b) >= 8:
-            struct.pack_into("=I", b, 4, rng.choice((*OPCODES, rng.getrandbits(32))))
+            struct.pack_into("=I", b, 4, rng.choice((*opcodes, rng.getrandbits(32))))
         elif kind == 5 and len(b) >= 4:
             struct.pack_into("=I", b, 0, len(b))  # a consistent length after the others
         elif kind == 6 and len(b) >= 40:
-            b[40:] = body_for(rng, rng.choice(OPCODES), [])
+            b[40:] = body_for(rng, rng.choice(opcodes), [])
     return bytes(b)
 
 
-def hostile_request(rng: random.Random, unique: int, fhs: list[int]) -> bytes:
+def hostile_request(rng: random.Random, unique: int, fhs: list[int], fuse: bool = False) -> bytes:
     """Mostly a mutated valid request, sometimes a valid one, sometimes noise."""
     r = rng.random()
     if r < 0.1:
-        return valid_request(rng, unique, fhs)
+        return valid_request(rng, unique, fhs, fuse)
     if r < 0.2:
         return rng.randbytes(rng.choice((0, 1, 16, 39, 40, 41, 80)))
-    return mutate_request(rng, valid_request(rng, unique, fhs))
+    return mutate_request(rng, valid_request(rng, unique, fhs, fuse), fuse)
 
 
 def check_parse(buf: bytes) -> p.Request | None:
@@ -195,13 +225,16 @@ def wants_reply(frame: bytes) -> bool:
 
 
 class LoopRig:
-    """A :class:`~cusetpm.frontends.cuse._Server` request loop on one end of a SEQPACKET pair
-    (which keeps message boundaries, like /dev/cuse) and a kernel on the other that checks
-    every reply: well-formed, at most one per unique, and one for every frame that wants one."""
+    """A request loop (the CUSE device's :class:`~cusetpm.frontends.cuse._Server`, or a FUSE
+    node's :class:`~cusetpm.frontends.fuse.TpmFuse`) on one end of a SEQPACKET pair (which
+    keeps message boundaries, like /dev/cuse and /dev/fuse) and a kernel on the other that
+    checks every reply: well-formed, at most one per unique, and one for every frame that
+    wants one.  ``nodeid``: the inode a file operation names (FUSE: the node's file)."""
 
-    def __init__(self, kernel: trio.socket.SocketType, server: _Server) -> None:
+    def __init__(self, kernel: trio.socket.SocketType, server: Channel, nodeid: int = 0) -> None:
         self.kernel = kernel
         self.server = server
+        self.nodeid = nodeid
         self.replies: dict[int, bytes] = {}
         self.problems: list[str] = []
         self.next_unique = 1000
@@ -241,10 +274,11 @@ class LoopRig:
         for u in due:
             self.replies.pop(u, None)
 
-    async def call(self, opcode: int, body: bytes) -> tuple[int, bytes]:
+    async def call(self, opcode: int, body: bytes, nodeid: int | None = None) -> tuple[int, bytes]:
+        """One request (naming ``nodeid``, by default the file's) and its (error, body)."""
         self.next_unique += 2
         unique = self.next_unique
-        await self.kernel.send(p.build_request(opcode, unique, body))
+        await self.kernel.send(p.build_request(opcode, unique, body, nodeid=self.nodeid if nodeid is None else nodeid))
         with trio.fail_after(3):
             while unique not in self.replies:
                 await trio.sleep(0.001)
@@ -252,7 +286,12 @@ class LoopRig:
         return p.OUT_HEADER.unpack_from(data)[1], data[p.OUT_HEADER.size :]
 
     async def still_serves(self) -> None:
-        """A plain open, write, release gets its answers: the loop is alive."""
+        """A plain open, write, release gets its answers (on FUSE, a lookup of the file
+        first): the loop is alive."""
+        if self.nodeid:
+            error, _ = await self.call(fsp.FsOpcode.LOOKUP, b"tpmrm0\0", fsp.ROOT_INODE)
+            if error:
+                raise AssertionError(f"lookup after hostile requests: {error}")
         error, out = await self.call(p.Opcode.OPEN, p.OPEN_IN.pack(os.O_RDWR, 0))
         if error:
             raise AssertionError(f"open after hostile requests: {error}")
@@ -265,16 +304,22 @@ class LoopRig:
             raise AssertionError(f"release after hostile requests: {error}")
 
 
-def run_loop(body: Callable[[LoopRig], Awaitable[None]]) -> None:
-    """Run ``body`` with a fresh :class:`LoopRig` (on trio), then stop the loop."""
+def run_loop(body: Callable[[LoopRig], Awaitable[None]], fuse: bool = False) -> None:
+    """Run ``body`` with a fresh :class:`LoopRig` (on trio), then stop the loop.  ``fuse``:
+    a FUSE node's loop (a directory holding ``tpmrm0``), else the CUSE device's."""
 
     async def main() -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
         with ours, theirs:
             async with trio.open_nursery() as nursery:
-                server = _Server(ours.fileno(), NullDevice(), "fuzz0")
-                rig = LoopRig(trio.socket.from_stdlib_socket(theirs), server)
+                server: Channel
+                if fuse:
+                    server = TpmFuse(cast(Node, NullDevice()), "tpmrm0")
+                    server.fd = ours.fileno()
+                else:
+                    server = _Server(ours.fileno(), NullDevice(), "fuzz0")
+                rig = LoopRig(trio.socket.from_stdlib_socket(theirs), server, FILE_INODE if fuse else 0)
                 nursery.start_soon(server.request_loop, nursery)
                 nursery.start_soon(rig.receive)
                 await body(rig)
