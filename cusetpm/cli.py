@@ -23,7 +23,7 @@ from .kernel.profiles import DEFAULT_PROFILE, PROFILES
 from .kernel.seam import Seam
 from .kernel.tpm2_cmd import ChipInitError
 from .serve import Tenants
-from .tenants.config import ConfigError, DaemonConfig, check_spin
+from .tenants.config import ConfigError, DaemonConfig, check_cpu, check_spin
 from .tenants.config import from_args as config_from_args
 from .tenants.config import load as load_config
 
@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--spin-us", type=float, metavar="US",
         help="how long the request loop keeps polling for the next request before it sleeps "
         "(default 100; 0: sleep at once); see README, 'The request path'",
+    )  # fmt: skip
+    serve.add_argument(
+        "--cpu", type=int, metavar="N",
+        help="run the daemon, and the swtpm it starts, on CPU N only; see README, 'The request path'",
     )  # fmt: skip
     serve.add_argument("--major", type=int, default=0, help="CUSE device major (default: the kernel picks)")
     serve.add_argument("--minor", type=int, default=0, help="CUSE device minor")
@@ -204,20 +208,25 @@ def daemon_config(args: argparse.Namespace) -> tuple[DaemonConfig, str]:
 
 
 def command_line_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """--control, --metrics, --fuse-lib and --spin-us given with --config win over the file's
-    (a test harness, a unit file's drop-in); a reload keeps them."""
+    """--control, --metrics, --fuse-lib, --spin-us and --cpu given with --config win over the
+    file's (a test harness, a unit file's drop-in); a reload keeps them."""
     given = {
         key: value
-        for key in ("control", "metrics", "fuse_lib", "spin_us")
+        for key in ("control", "metrics", "fuse_lib", "spin_us", "cpu")
         if (value := getattr(args, key, None)) is not None
     }
     if "spin_us" in given:
         given["spin_us"] = check_spin(given["spin_us"])
+    if "cpu" in given:
+        given["cpu"] = check_cpu(given["cpu"])
     return given
 
 
 async def serve(args: argparse.Namespace) -> int:
     config, kind = daemon_config(args)
+    if config.cpu is not None:
+        # Before anything starts: threads made later, and the managed swtpm, inherit it.
+        os.sched_setaffinity(0, {config.cpu})
     control, control_path = open_control(config.control)
     metrics = None
     tenants: Tenants | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,12 @@ class Tenants:
         """The one GlobalSessions every ``sessions = "global"`` node shares (one registry for
         the one TPM), made when the first such node is."""
         return self._sessions
+
+    @property
+    def pause_spin(self) -> Callable[[], bool] | None:
+        """With ``cpu`` the managed swtpm shares the request loop's CPU: the loop stops spinning
+        while the chip is busy (a command at the TPM), whose CPU time the spin would take."""
+        return self.chip.lock.locked if self.config.cpu is not None else None
 
     def path(self, name: str) -> str:
         if self.kind == "cuse":
@@ -129,7 +136,7 @@ class Tenants:
                 from .frontends import fuse
 
                 self._fuse = fuse.TpmFuse()
-                serve = functools.partial(fuse.serve_fuse, spin=self.config.spin_us / 1e6)
+                serve = functools.partial(fuse.serve_fuse, spin=self.config.spin_us / 1e6, pause_spin=self.pause_spin)
         for nc in self.config.nodes:
             await self._add(nc)
         if self._fuse is not None:
@@ -151,7 +158,7 @@ class Tenants:
                 with scope:
                     await serve_cuse(node, nc.name, major=self.major, minor=self.minor, mode=nc.mode,
                                      owner=nc.owner, group=nc.group, spin=self.config.spin_us / 1e6,
-                                     task_status=task_status)  # fmt: skip
+                                     pause_spin=self.pause_spin, task_status=task_status)  # fmt: skip
 
             await self._nursery.start(run)
             self._scopes[node] = scope
@@ -184,6 +191,7 @@ class Tenants:
             "fuse_dir",
             "fuse_lib",
             "spin_us",
+            "cpu",
             "metrics",
             "control",
             "sessions",

@@ -25,7 +25,9 @@ then takes ``--tcti swtpm:port=RELAY``), and the relay counts the TPM command fr
 passes during K user commands.
 
 With ``--lazy`` (the default when ``cusetpm serve --help`` offers ``--swap``) the node also
-runs with ``--swap lazy``: the column ``node(6.12,lazy)``.
+runs with ``--swap lazy``: the column ``node(6.12,lazy)``.  With ``--pin`` (the default when it
+offers ``--cpu``) the node runs on one CPU with its swtpm as well, in kernel mode and with
+``--swap lazy``: ``node(6.12,cpu1)`` and ``node(6.12,lazy,cpu1)`` (the client stays unpinned).
 
 Then the figures of issue 9, each against a baseline measured in the same run:
 
@@ -99,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-abrmd", action="store_true", help="skip tpm2-abrmd")
     ap.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
                     help="also the node with --swap lazy (default: if `cusetpm serve` offers --swap)")  # fmt: skip
+    ap.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also the node with --cpu (the last CPU): in kernel mode and lazy",
+    )
     ap.add_argument("--floor", type=int, default=2000,
                     help="idle requests per repetition, node and C libfuse (default 2000; 0: skip)")  # fmt: skip
     ap.add_argument("--files", type=int, default=1000, help="files open at once on a node (default 1000; 0: skip)")
@@ -116,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.lazy is None:
         args.lazy = serve_offers("--swap")
+    if args.pin is None:
+        args.pin = serve_offers("--cpu")
 
     # Leave through the cleanup on SIGTERM/SIGHUP too, not only on Ctrl-C.
     def _exit(signum: int, _frame: object) -> None:
@@ -131,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     kernels = args.kernel or ["6.12", "6.1"]
     paths = [direct_route()] + [node_route(k) for k in kernels] + [node_route(kernels[0], "global")]
     paths += [node_route(kernels[0], extra=("--swap", "lazy"))] if args.lazy else []
+    if args.pin:
+        cpu = str(max(os.sched_getaffinity(0)))
+        paths += [node_route(kernels[0], extra=("--cpu", cpu), label=f"node({kernels[0]},cpu{cpu})")]
+        if args.lazy:
+            lazy_pinned = ("--swap", "lazy", "--cpu", cpu)
+            paths += [node_route(kernels[0], extra=lazy_pinned, label=f"node({kernels[0]},lazy,cpu{cpu})")]
     paths += [] if args.no_abrmd else [abrmd_route()]
     sizes = {"get_random": args.random, "sign": args.sign}
     for p in paths:

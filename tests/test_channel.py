@@ -401,6 +401,33 @@ def test_the_loop_spins_for_the_next_request_then_sleeps() -> None:
     trio.run(main)
 
 
+def test_the_spin_pauses_while_the_tpm_works_when_asked() -> None:
+    """pause_spin (--cpu: the managed swtpm on the loop's own CPU): while it says so, spin_read
+    gives up at once instead of taking the TPM's CPU time; once it no longer does, the loop
+    spins as before."""
+
+    async def main() -> None:
+        with served(FastFile) as (server, theirs):
+            server.spin = 0.5
+            busy = [True]
+            server.pause_spin = lambda: busy[0]
+            t0 = trio.current_time()
+            assert await server.spin_read() is None
+            assert trio.current_time() - t0 < 0.25
+            busy[0] = False
+            request = p.build_request(p.Opcode.FLUSH, 2, p.FLUSH_IN.pack(1, 0, 0, 0))
+
+            async def later() -> None:
+                await trio.sleep(0.05)
+                theirs.send(request)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(later)
+                assert await server.spin_read() == request
+
+    trio.run(main)
+
+
 def test_the_default_spin_is_the_configs() -> None:
     from cusetpm.frontends.channel import DEFAULT_SPIN
     from cusetpm.tenants.config import DEFAULT_SPIN_US

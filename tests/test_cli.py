@@ -186,3 +186,27 @@ def test_both_kernel_profiles_serve(daemon: StartDaemon, tmp_path: Path, kernel:
     tpm2(d.node, "tpm2_startauthsession", "-S", "session.ctx", cwd=tmp_path)
     tpm2(d.node, "tpm2_flushcontext", "session.ctx", cwd=tmp_path)
     assert len(tpm2(d.node, "tpm2_getrandom", "8", cwd=tmp_path).stdout) == 8
+
+
+def test_cpu_runs_the_daemon_and_its_swtpm_on_that_cpu_only(daemon: StartDaemon, tmp_path: Path) -> None:
+    """--cpu N: every thread of the daemon, and the swtpm it starts, may run on CPU N only, and
+    the node serves (a key made, loaded again for each command, as the kernel does)."""
+    cpu = max(os.sched_getaffinity(0))
+    d = daemon(extra_args=("--cpu", str(cpu)))
+    assert d.swtpm_pid is not None
+    pid = d.served.proc.pid
+    for task in os.listdir(f"/proc/{pid}/task"):
+        assert os.sched_getaffinity(int(task)) == {cpu}, task
+    assert os.sched_getaffinity(d.swtpm_pid) == {cpu}
+    tpm2(d.node, "tpm2_createprimary", "-C", "o", "-c", "primary.ctx", cwd=tmp_path)
+    assert b"name:" in tpm2(d.node, "tpm2_readpublic", "-c", "primary.ctx", cwd=tmp_path).stdout
+    assert len(tpm2(d.node, "tpm2_getrandom", "8", cwd=tmp_path).stdout) == 8
+
+
+def test_a_cpu_this_process_may_not_run_on_is_a_one_line_error(tmp_path: Path) -> None:
+    mount, state = tmp_path / "mnt", tmp_path / "state"
+    result = serve("--fuse", str(mount), "--state-dir", str(state), "--cpu", "4096")
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--cpu: CPU 4096 is not one this process may run on" in lines[0], result.stderr
+    assert not state.exists() and not mounted(mount)

@@ -123,6 +123,24 @@ def test_fuse_lib_picks_what_serves_the_fuse_directory() -> None:
     assert command_line_overrides(args) == {"fuse_lib": "pyfuse3"}
 
 
+def test_cpu_is_one_this_process_may_run_on_and_the_command_line_wins() -> None:
+    import os
+
+    allowed = sorted(os.sched_getaffinity(0))
+    head = f'[front]\ncpu = {allowed[-1]}\n\n[[node]]\nname = "a"\n'
+    assert parse(head).cpu == allowed[-1]
+    assert parse(head.replace(f"cpu = {allowed[-1]}\n", "")).cpu is None
+    for bad, why in (("4096", "CPU 4096 is not one this process may run on"), ("-1", "CPU -1"), ('"0"', "must be")):
+        with pytest.raises(ConfigError, match=why):
+            parse(head.replace(f"cpu = {allowed[-1]}", f"cpu = {bad}"))
+    args = build_parser().parse_args(["serve", "--fuse", "/tmp/x", "--cpu", str(allowed[0])])
+    assert from_args(args, "fuse", "/tmp/x").cpu == allowed[0]
+    assert command_line_overrides(args) == {"cpu": allowed[0]}
+    assert from_args(build_parser().parse_args(["serve", "--fuse", "/tmp/x"]), "fuse", "/tmp/x").cpu is None
+    with pytest.raises(ConfigError, match="--cpu: CPU 4096"):
+        command_line_overrides(build_parser().parse_args(["serve", "--config", "x.toml", "--cpu", "4096"]))
+
+
 def test_spin_us_is_checked_and_the_command_line_wins() -> None:
     head = '[front]\nspin_us = 250\n\n[[node]]\nname = "a"\n'
     assert parse(head).spin_us == 250

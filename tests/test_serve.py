@@ -246,3 +246,34 @@ def test_tenant_nodes_as_cuse_devices_in_a_real_kernel(tmp_path: Path) -> None:
     for line in ("devices ten-a ten-b", "a works", "a refused clear", "b may clear",
                  "after reload ten-a ten-b ten-c", "after close ten-a ten-c", "c works", "exit 0"):  # fmt: skip
         assert line in out, out
+
+
+def test_with_cpu_the_request_loop_pauses_its_spin_while_the_chip_is_busy(tmp_path: Path) -> None:
+    """--cpu puts the managed swtpm on the loop's own CPU, so the loop must not spin while a
+    command is at the TPM: pause_spin is the chip lock's state then, and nothing without it.
+    A reload cannot move the daemon to another CPU."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from cusetpm.serve import Tenants as Served
+    from cusetpm.tenants.config import ConfigError, load
+
+    cpu = max(os.sched_getaffinity(0))
+    config = tmp_path / "tenants.toml"
+    config.write_text(f'[front]\ncpu = {cpu}\n\n[[node]]\nname = "a"\n')
+    chip = SimpleNamespace(lock=trio.Lock())
+    pinned = Served(chip, load(config), "fuse")  # type: ignore[arg-type]
+    assert pinned.config.cpu == cpu and pinned.pause_spin is not None
+
+    async def main() -> None:
+        assert pinned.pause_spin is not None and not pinned.pause_spin()
+        async with chip.lock:
+            assert pinned.pause_spin()
+        assert not pinned.pause_spin()
+
+    trio.run(main)
+    config.write_text('[[node]]\nname = "a"\n')
+    assert Served(chip, load(config), "fuse").pause_spin is None  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="cpu cannot change on reload"):
+        pinned.check(load(config))

@@ -11,7 +11,8 @@ system's own requests); here is only I/O and concurrency:
   one CPU);
 * **spinning**: after the last request the loop polls for the next one for ``spin`` seconds
   before sleeping in epoll (:meth:`Channel.spin_read`), which skips the wake-ups between a
-  command's five requests;
+  command's five requests; with ``pause_spin`` (``--cpu``: the TPM on the loop's own CPU) it
+  stops while a command is at the TPM, whose CPU time the spin would take;
 * a poll or read that waits only for the file's O_NONBLOCK command (a TCTI's poll() right
   after its write()) is queued on the file and answered as the command ends, again with no
   task; so is a blocking write whose file is free: the file's worker runs its command and
@@ -93,6 +94,9 @@ class Channel:
         #: Seconds to keep polling (the channel, and through trio every other descriptor)
         #: before sleeping in epoll; 0: sleep at once.
         self.spin = spin
+        #: True while spinning would take CPU time from the TPM (set by ``--cpu``): the chip
+        #: is busy and the managed swtpm runs on our CPU.  None: always spin.
+        self.pause_spin: Callable[[], bool] | None = None
         self.files: dict[int, FileOps] = {}
         self.next_fh = 1
         #: unique -> the cancel scope of the task answering it, for FUSE_INTERRUPT.
@@ -204,12 +208,13 @@ class Channel:
         gets it (the kernel preempts the loop for the task it wakes).
         """
         deadline = time.perf_counter() + self.spin
+        pause = self.pause_spin
         while True:
             await trio.lowlevel.checkpoint()
             try:
                 return self.read_now()
             except BlockingIOError:
-                if time.perf_counter() >= deadline:
+                if time.perf_counter() >= deadline or (pause is not None and pause()):
                     return None
             except OSError:
                 return None  # read_request sorts it out

@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Callable
 
 import trio
 
@@ -136,6 +137,7 @@ async def serve_cuse(
     owner: int | None = None,
     group: int | None = None,
     spin: float = DEFAULT_SPIN,
+    pause_spin: Callable[[], bool] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``device`` as ``/dev/<name>`` until the channel dies or we are cancelled.
@@ -150,6 +152,7 @@ async def serve_cuse(
     path = os.path.join("/dev", name)
     fd = os.open(CUSE_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     server = _Server(fd, device, name, spin)
+    server.pause_spin = pause_spin
     try:
         async with trio.open_nursery() as nursery:
             await server.handshake(major, minor)

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -258,6 +259,7 @@ async def serve_fuse(
     owner: int | None = None,
     group: int | None = None,
     spin: float = DEFAULT_SPIN,
+    pause_spin: Callable[[], bool] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``mountpoint`` and serve until cancelled; then unmount.
@@ -267,6 +269,7 @@ async def serve_fuse(
     """
     fs = node if isinstance(node, TpmFuse) else TpmFuse(node, name, mode, owner, group)
     fs.spin = spin
+    fs.pause_spin = pause_spin
     options = "nosuid,nodev,fsname=cusetpm,subtype=cusetpm,default_permissions"
     if os.getuid() == 0:
         options += ",allow_other"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import grp
+import os
 import pwd
 import tomllib
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ class DaemonConfig:
     fuse_lib: str = "channel"
     #: µs the request loop keeps polling for the next request before it sleeps (0: never).
     spin_us: float = DEFAULT_SPIN_US
+    #: The one CPU the daemon, and the swtpm it starts, run on (None: where the scheduler puts them).
+    cpu: int | None = None
     metrics: str | None = None
     control: str | None = None
     sessions: Settings = field(default_factory=Settings)
@@ -97,7 +100,8 @@ _SESSION_KEYS = {
     "quota_file": ("max_sessions_per_space", int),
     "quota_detached": ("max_detached_per_space", int),
 }
-_TOP = {"tpm": {"tcti", "state_dir", "swap", "swap_residents"}, "front": {"node", "fuse_dir", "fuse_lib", "spin_us"},
+_TOP = {"tpm": {"tcti", "state_dir", "swap", "swap_residents"},
+        "front": {"node", "fuse_dir", "fuse_lib", "spin_us", "cpu"},
         "metrics": {"listen"}, "control": {"path"}, "sessions": set(_SESSION_KEYS), "node": set()}  # fmt: skip
 
 
@@ -227,6 +231,7 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
     if fuse_lib not in FUSE_LIBS:
         raise ConfigError(f'{src}: [front]: fuse_lib must be "channel" or "pyfuse3", not {fuse_lib!r}')
     spin_us = check_spin(_typed(front, "spin_us", (int, float), f"{src}: [front]"), f"{src}: [front]: spin_us")
+    cpu = check_cpu(_typed(front, "cpu", int, f"{src}: [front]"), f"{src}: [front]: cpu")
     state_dir = _typed(tpm, "state_dir", str, f"{src}: [tpm]")
     swap = _typed(tpm, "swap", str, f"{src}: [tpm]", "kernel")
     if swap not in ("kernel", "lazy"):
@@ -243,6 +248,7 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
         fuse_dir=_typed(front, "fuse_dir", str, f"{src}: [front]") or None,
         fuse_lib=fuse_lib,
         spin_us=spin_us,
+        cpu=cpu,
         metrics=_typed(doc.get("metrics", {}), "listen", str, f"{src}: [metrics]") or None,
         control=_typed(doc.get("control", {}), "path", str, f"{src}: [control]") or None,
         sessions=_session_settings(doc.get("sessions", {}), f"{src}: [sessions]"),
@@ -300,6 +306,27 @@ def check_spin(value: float | None, where: str = "--spin-us") -> float:
     return float(value)
 
 
+def check_cpu(value: int | None, where: str = "--cpu") -> int | None:
+    """``cpu`` / ``--cpu``: None if not given; ConfigError unless this process may run there."""
+    if value is None:
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if value not in allowed:
+        raise ConfigError(f"{where}: CPU {value} is not one this process may run on ({_cpu_list(allowed)})")
+    return value
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    """0-3,6 for [0, 1, 2, 3, 6]."""
+    runs: list[list[int]] = []
+    for c in cpus:
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 def load(path: str | Path) -> DaemonConfig:
     """Read and parse a config file."""
     p = Path(path)
@@ -340,6 +367,7 @@ def from_args(args: argparse.Namespace, kind: str, where: str) -> DaemonConfig:
         fuse_dir=where if kind == "fuse" else None,
         fuse_lib=getattr(args, "fuse_lib", None) or "channel",
         spin_us=check_spin(getattr(args, "spin_us", None)),
+        cpu=check_cpu(getattr(args, "cpu", None)),
         metrics=args.metrics,
         control=args.control,
         sessions=settings,
