@@ -375,24 +375,29 @@ def test_an_open_after_a_close_waits_for_its_release() -> None:
     run(make, body)
 
 
+async def spin_reads_a_request_sent_later(server: Server, theirs: socket.socket) -> None:
+    """spin_read() returns the request the other end sends 50 ms in, within the spin (0.5 s)."""
+    server.spin = 0.5
+    request = p.build_request(p.Opcode.FLUSH, 2, p.FLUSH_IN.pack(1, 0, 0, 0))
+
+    async def later() -> None:
+        await trio.sleep(0.05)
+        theirs.send(request)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(later)
+        t0 = trio.current_time()
+        assert await server.spin_read() == request
+        assert trio.current_time() - t0 < 0.4
+
+
 def test_the_loop_spins_for_the_next_request_then_sleeps() -> None:
     """spin_read: a request that comes within the spin is read without sleeping in epoll; none
     in time is None (the loop then waits as before)."""
 
     async def main() -> None:
         with served(FastFile) as (server, theirs):
-            server.spin = 0.5
-            request = p.build_request(p.Opcode.FLUSH, 2, p.FLUSH_IN.pack(1, 0, 0, 0))
-
-            async def later() -> None:
-                await trio.sleep(0.05)
-                theirs.send(request)
-
-            async with trio.open_nursery() as n:
-                n.start_soon(later)
-                t0 = trio.current_time()
-                assert await server.spin_read() == request
-                assert trio.current_time() - t0 < 0.4
+            await spin_reads_a_request_sent_later(server, theirs)
             server.spin = 0.02
             t0 = trio.current_time()
             assert await server.spin_read() is None
@@ -415,15 +420,7 @@ def test_the_spin_pauses_while_the_tpm_works_when_asked() -> None:
             assert await server.spin_read() is None
             assert trio.current_time() - t0 < 0.25
             busy[0] = False
-            request = p.build_request(p.Opcode.FLUSH, 2, p.FLUSH_IN.pack(1, 0, 0, 0))
-
-            async def later() -> None:
-                await trio.sleep(0.05)
-                theirs.send(request)
-
-            async with trio.open_nursery() as n:
-                n.start_soon(later)
-                assert await server.spin_read() == request
+            await spin_reads_a_request_sent_later(server, theirs)
 
     trio.run(main)
 
