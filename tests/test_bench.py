@@ -127,7 +127,9 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     header = next(line for line in lines if line.startswith("backend cmds per user cmd")).split()[5:]
     lazy = ["node(6.12,lazy)"] if bench.serve_offers("--swap") else []
     cpu = max(os.sched_getaffinity(0))
-    pinned = [f"node(6.12,cpu{cpu})"] + [f"node(6.12,lazy,cpu{cpu})"] * bool(lazy) if bench.serve_offers("--cpu") else []
+    pinned = (
+        [f"node(6.12,cpu{cpu})"] + [f"node(6.12,lazy,cpu{cpu})"] * bool(lazy) if bench.serve_offers("--cpu") else []
+    )
     assert header == ["direct", "node(6.12)", "node(6.12,global)", *lazy, *pinned, "abrmd"]
     counts = [line for line in lines if line.startswith("GetRandom(16)")][1]  # second table: commands
     assert counts.split()[1:3] == ["1.00", "1.00"]  # direct, and the node on an empty space
