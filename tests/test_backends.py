@@ -363,3 +363,11 @@ def test_mssim_backend_speaks_the_simulators_protocol(daemon, tmp_path):
         trio.run(direct)
     finally:
         front.close()
+
+
+def test_an_abstract_unix_socket_nobody_listens_on_is_a_backend_error_that_names_it():
+    async def main():
+        with pytest.raises(BackendError, match=r"cannot connect to TPM at @cusetpm-nobody-here: Connection refused"):
+            await SocketBackend("127.0.0.1", 0, unix="\0cusetpm-nobody-here").connect()
+
+    trio.run(main)

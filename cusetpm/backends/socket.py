@@ -62,7 +62,8 @@ async def connect_unix(address: str) -> socket.socket:
                 raise OSError(err, os.strerror(err)) from None
     except OSError as exc:
         sock.close()
-        raise BackendError(f"cannot connect to TPM at {address!r}: {exc.strerror or exc}") from None
+        shown = "@" + address[1:] if address.startswith("\0") else address  # as ss(8) shows it
+        raise BackendError(f"cannot connect to TPM at {shown}: {exc.strerror or exc}") from None
     return sock
 
 
