@@ -223,7 +223,10 @@ class Channel:
         """A request we cannot parse (the kernel sends none): answer EIO if its header says
         whom to answer, so no caller waits for ever, and go on.  Ending the loop would take
         the device away from every open file."""
-        header = proto.parse_header(buf)
+        self.reject_header(proto.parse_header(buf), error)
+
+    def reject_header(self, header: proto.InHeader | None, error: proto.ProtocolError) -> None:
+        """:meth:`reject` once the header is known (None: unreadable, nobody to answer)."""
         log.warning("%s: malformed request (%s)", self.name, error)
         if header is not None and header.unique and header.opcode not in proto.NO_REPLY_OPCODES:
             self.send(proto.reply_error(header.unique, errno.EIO))
@@ -260,9 +263,8 @@ class Channel:
         except proto.ProtocolError as e:
             # A body the file system cannot parse (a LOOKUP's name without its NUL, a short
             # READDIR): answered like a malformed request, and the loop goes on.
-            log.warning("%s: malformed request (%s)", self.name, e)
-            wants = req.unique and req.header.opcode not in proto.NO_REPLY_OPCODES
-            out = proto.reply_error(req.unique, errno.EIO) if wants else None
+            self.reject_header(req.header, e)
+            return
         if out is not None:
             self.send(out)
 
