@@ -89,6 +89,21 @@ def swtpm_argv(
     return argv + list(extra)
 
 
+def abstract_listener(prefix: str) -> tuple[socket.socket, str]:
+    """A listening Unix socket in the abstract namespace, named ``prefix``, this process's pid
+    and a random part (no file to remove; gone with the last descriptor), and its address
+    (a leading NUL), for ``swtpm_argv(listen_fd=...)``."""
+    address = f"\0{prefix}-{os.getpid()}-{secrets.token_hex(8)}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(address)
+        listener.listen(1)
+    except OSError:
+        listener.close()
+        raise
+    return listener, address
+
+
 class ManagedSwtpm(SocketBackend):
     """A swtpm the daemon started, and starts again on the same state if it dies.
 
@@ -111,11 +126,8 @@ class ManagedSwtpm(SocketBackend):
 
     async def start(self, attempts: int = 5) -> None:
         for attempt in range(attempts):
-            self.unix = f"\0cusetpm-swtpm-{os.getpid()}-{secrets.token_hex(8)}"
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener, self.unix = abstract_listener("cusetpm-swtpm")
             try:
-                listener.bind(self.unix)
-                listener.listen(1)
                 proc = subprocess.Popen(
                     swtpm_argv(self.state, 0, exe=self.exe, listen_fd=listener.fileno()),
                     stdin=subprocess.DEVNULL,

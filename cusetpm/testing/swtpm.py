@@ -9,7 +9,6 @@ control channel accept, and :meth:`Swtpm.stop` stops it and removes its state.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cusetpm.backends import free_port_pair, swtpm_argv
-from cusetpm.backends.swtpm import PROBE
+from cusetpm.backends.swtpm import PROBE, abstract_listener
 
 #: swtpm's --flags for a TPM that is up and started (Startup(CLEAR) done by swtpm itself).
 STARTED = "not-need-init,startup-clear"
@@ -61,10 +60,8 @@ class Swtpm:
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)
         stderr_path = state / "swtpm.stderr"
-        address = f"\0cusetpm-bench-swtpm-{os.getpid()}-{secrets.token_hex(8)}"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, open(stderr_path, "wb") as err:
-            listener.bind(address)
-            listener.listen(1)
+        listener, address = abstract_listener("cusetpm-bench-swtpm")
+        with listener, open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
                 swtpm_argv(state, 0, flags=flags, listen_fd=listener.fileno()),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, pass_fds=(listener.fileno(),),
