@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .daemon.metrics import Metrics
     from .frontends.fuse import TpmFuse
     from .frontends.fuse_pyfuse3 import TpmFuse as PyTpmFuse
+    from .swap import LazySwap
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Tenants:
         self._scopes: dict[Node, trio.CancelScope] = {}
         self._fuse: TpmFuse | PyTpmFuse | None = None
         self._sessions: Seam | None = None
-        self._swap: Seam | None = None
+        self._swap: LazySwap | None = None
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -90,13 +91,14 @@ class Tenants:
                 from .swap import LazySwap
 
                 self._swap = LazySwap(self.config.swap_residents)
-            return self._swap  # one for the chip: the TPM's slots are the chip's
+            if nc.sessions != "global":
+                return self._swap  # one for the chip: the TPM's slots are the chip's
         if nc.sessions != "global":
             return None
         if self._sessions is None:
             from .sessions import GlobalSessions
 
-            self._sessions = GlobalSessions(self.config.sessions)
+            self._sessions = GlobalSessions(self.config.sessions, swap=self._swap)
         return self._sessions
 
     def _make(self, nc: NodeConfig) -> Node:

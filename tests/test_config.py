@@ -175,13 +175,13 @@ def test_swap_residents_is_a_count_of_files_for_lazy_swapping_only() -> None:
         from_args(build_parser().parse_args(["serve", "--swap", "lazy", "--swap-residents", "0"]), "fuse", "/tmp/x")
 
 
-def test_swap_lazy_is_a_setting_of_the_tpm_and_not_with_global_sessions() -> None:
+def test_swap_lazy_is_a_setting_of_the_tpm_and_goes_with_global_sessions() -> None:
     head = '[tpm]\nswap = "lazy"\n\n[[node]]\nname = "a"\n'
     assert parse(head).swap == "lazy"
-    with pytest.raises(ConfigError, match="cannot be combined"):
-        parse(head + 'sessions = "global"\n')
+    both = parse(head + 'sessions = "global"\n')
+    assert (both.swap, both.nodes[0].sessions) == ("lazy", "global")
     with pytest.raises(ConfigError, match="swap must be"):
         parse(head.replace('"lazy"', '"eager"'))
     args = build_parser().parse_args(["serve", "--swap", "lazy", "--sessions", "global"])
-    with pytest.raises(ConfigError, match="cannot be combined"):
-        from_args(args, "fuse", "/tmp/x")
+    config = from_args(args, "fuse", "/tmp/x")
+    assert (config.swap, config.nodes[0].sessions) == ("lazy", "global")

@@ -45,6 +45,21 @@ def test_status_lists_the_tpm_the_node_and_each_open_file(daemon, tmp_path):
         os.close(fd)
 
 
+def test_status_of_global_sessions_on_lazy_swapping_shows_both_features(daemon, tmp_path):
+    control = tmp_path / "control.sock"
+    d = daemon(extra_args=["--control", str(control), "--swap", "lazy", "--sessions", "global"])
+    fd = os.open(d.node, os.O_RDWR)
+    try:
+        assert rc(cmd(fd, start_auth_session())) == 0
+        doc = json.loads(status(control, "--json").stdout)
+        assert doc["nodes"][0]["seam"] == "GlobalSessions"
+        features = doc["features"]
+        assert features["GlobalSessions"]["known"] == 1
+        assert features["LazySwap"]["resident"] is True and features["LazySwap"]["residents"] == 1
+    finally:
+        os.close(fd)
+
+
 def test_status_shows_a_restart_of_the_tpm(daemon, tmp_path):
     control = tmp_path / "control.sock"
     d = daemon(extra_args=["--control", str(control)])

@@ -19,13 +19,17 @@ from cusetpm.kernel.tpm2_cmd import auto_startup
 from cusetpm.kernel.tpm_dev_common import tpm_dev_transmit
 from cusetpm.kernel.wire import be32, command, u32
 from cusetpm.sessions import GlobalSessions, Settings
+from cusetpm.swap import LazySwap
 from cusetpm.testing.fake_tpm import FakeTpm
-from helpers import SyncFile, context_load, context_save, flush_context, rc, start_auth_session
+from helpers import SyncFile, context_load, context_save, create_primary, flush_context, rc, start_auth_session
 
 SAS = int(TPM2_CC.StartAuthSession)
 FLUSH = int(TPM2_CC.FlushContext)
 GETCAP = int(TPM2_CC.GetCapability)
 TOUCH = int(TPM2_CC.PolicyGetDigest)
+#: The same answers on the kernel's load and save and on ``--swap lazy`` (one and three
+#: resident files), where the TPM sees fewer saves and other commands in between.
+SWAP = pytest.mark.parametrize("swap", [0, 1, 3])
 
 
 class Clock:
@@ -39,12 +43,23 @@ class Clock:
 class Rig:
     """A fake TPM with ``active`` session handles, a chip with the seam, and files on it."""
 
-    def __init__(self, active: int = 4, global_mode: bool = True, gap: int | None = None, **settings: Any) -> None:
-        self.fake = FakeTpm(max_active=active, reuse_handles=True, context_gap=gap)
+    def __init__(
+        self,
+        active: int = 4,
+        global_mode: bool = True,
+        gap: int | None = None,
+        swap: int = 0,
+        loaded: int | None = None,
+        **settings: Any,
+    ) -> None:
+        """``swap``: on ``--swap lazy`` with that many resident files (0: the kernel's load and
+        save); ``loaded``: the TPM's MAX_LOADED_SESSIONS."""
+        self.fake = FakeTpm(max_active=active, reuse_handles=True, context_gap=gap, max_loaded_sessions=loaded)
         self.chip = Chip(PROFILES["6.12"])
         self.fake.run(auto_startup(self.chip))
         self.clock = Clock()
-        self.seam = GlobalSessions(Settings(**settings), clock=self.clock) if global_mode else None
+        self.lazy = LazySwap(swap) if swap else None
+        self.seam = GlobalSessions(Settings(**settings), clock=self.clock, swap=self.lazy) if global_mode else None
         self.chip.seam = self.seam
         self.fake.ccs.clear()
 
@@ -163,8 +178,9 @@ def test_exhaustion_evicts_the_lru_idle_session_of_another_file_right_before_the
     assert rc(a.cmd(touch(ha[1]))) == 0  # the other session works
 
 
-def test_an_evicted_session_in_the_auth_area_and_its_flush():
-    rig = Rig(evict_min_idle=2.0)
+@SWAP
+def test_an_evicted_session_in_the_auth_area_and_its_flush(swap: int):
+    rig = Rig(swap=swap, evict_min_idle=2.0)
     a, b, ha, hb = full(rig)
     c = rig.file()
     rig.clock.t += 2.5
@@ -178,8 +194,9 @@ def test_an_evicted_session_in_the_auth_area_and_its_flush():
     assert rig.snap["counters"]["tombstone_hits"] == 2
 
 
-def test_the_requester_never_evicts_its_own_session():
-    rig = Rig(evict_min_idle=2.0)
+@SWAP
+def test_the_requester_never_evicts_its_own_session(swap: int):
+    rig = Rig(swap=swap, evict_min_idle=2.0)
     a, b, ha, hb = full(rig)
     rig.clock.t += 5
     assert rig.start(a) == hb[0]  # a holds the globally LRU session; b's LRU one goes
@@ -187,8 +204,9 @@ def test_the_requester_never_evicts_its_own_session():
     assert rc(b.cmd(touch(hb[0]))) == 0x000B0910
 
 
-def test_sessions_used_within_the_idle_time_are_not_evicted():
-    rig = Rig(evict_min_idle=2.0, session_wait=0)
+@SWAP
+def test_sessions_used_within_the_idle_time_are_not_evicted(swap: int):
+    rig = Rig(swap=swap, evict_min_idle=2.0, session_wait=0)
     a, b, ha, hb = full(rig)
     for f, hs in ((a, ha), (b, hb)):
         for h in hs:
@@ -202,8 +220,9 @@ def test_sessions_used_within_the_idle_time_are_not_evicted():
     assert rig.start(c) == ha[0]
 
 
-def test_a_full_table_is_answered_by_the_rm():
-    rig = Rig(active=8)
+@SWAP
+def test_a_full_table_is_answered_by_the_rm(swap: int):
+    rig = Rig(swap=swap, active=8)
     f = rig.file()
     for _ in range(3):
         rig.start(f)
@@ -212,8 +231,9 @@ def test_a_full_table_is_answered_by_the_rm():
     assert rig.sent() == [] and rig.snap["counters"]["quota_rejections_table"] == 1
 
 
-def test_abandoned_sessions_go_first():
-    rig = Rig(evict_min_idle=2.0)
+@SWAP
+def test_abandoned_sessions_go_first(swap: int):
+    rig = Rig(swap=swap, evict_min_idle=2.0)
     a, b, ha, hb = full(rig)
     rig.clock.t += 5
     saved = b.cmd(context_save(hb[1]))  # b's newest use, then b closes
@@ -231,8 +251,9 @@ def test_abandoned_sessions_go_first():
 # --- waiting -----------------------------------------------------------------------------------
 
 
-def test_a_waiter_is_served_by_a_flush_and_sends_once():
-    rig = Rig(evict_min_idle=60, session_wait=5)
+@SWAP
+def test_a_waiter_is_served_by_a_flush_and_sends_once(swap: int):
+    rig = Rig(swap=swap, evict_min_idle=60, session_wait=5)
     a, b, ha, hb = full(rig)
     w = Pending(rig, rig.file(), start_auth_session(True))
     assert w.wait is not None and rig.sent() == []  # queued, nothing sent
@@ -247,8 +268,9 @@ def test_a_waiter_is_served_by_a_flush_and_sends_once():
     assert snap["counters"]["waits"] == 1 and snap["queue"] == 0 and snap["max_wait_ms"] == 500.0
 
 
-def test_a_waiter_is_served_by_a_session_ended_with_continue_session_clear():
-    rig = Rig(evict_min_idle=60)
+@SWAP
+def test_a_waiter_is_served_by_a_session_ended_with_continue_session_clear(swap: int):
+    rig = Rig(swap=swap, evict_min_idle=60)
     a, b, ha, hb = full(rig)
     w = Pending(rig, rig.file(), start_auth_session(True))
     assert rc(b.cmd(with_session(hb[1], attrs=0))) == 0  # the TPM ends the session
@@ -259,8 +281,9 @@ def test_a_waiter_is_served_by_a_session_ended_with_continue_session_clear():
     assert "lazy_corrections_save_ref_h0" not in rig.snap["counters"]
 
 
-def test_waiters_are_served_in_order_and_a_close_frees_slots():
-    rig = Rig(evict_min_idle=60)
+@SWAP
+def test_waiters_are_served_in_order_and_a_close_frees_slots(swap: int):
+    rig = Rig(swap=swap, evict_min_idle=60)
     a, b, ha, hb = full(rig)
     w1 = Pending(rig, rig.file(), start_auth_session(True))
     rig.clock.t += 0.1
@@ -268,6 +291,7 @@ def test_waiters_are_served_in_order_and_a_close_frees_slots():
     rig.clock.t += 0.1
     w3 = Pending(rig, rig.file(), start_auth_session(True))
     assert rig.snap["queue"] == 3
+    assert w1.wait is not None and w2.wait is not None and w3.wait is not None
     assert rc(b.cmd(flush_context(hb[0]))) == 0  # one slot: w1's, not w3's nor a newcomer's
     assert w1.wait.event in rig.chip.signals and w2.wait.event not in rig.chip.signals
     late = rig.file()
@@ -309,9 +333,10 @@ def test_the_head_waiter_evicts_once_a_session_becomes_idle():
 # --- tracking, isolation, continuation, quotas ---------------------------------------------------
 
 
-def test_lazy_tracking_notices_a_flush_at_the_rms_save():
+@SWAP
+def test_lazy_tracking_notices_a_flush_at_the_rms_save(swap: int):
     for strict in (True, False):
-        rig = Rig(strict_tracking=strict)
+        rig = Rig(swap=swap, strict_tracking=strict)
         f = rig.file()
         h = rig.start(f)
         rig.start(f)
@@ -322,14 +347,15 @@ def test_lazy_tracking_notices_a_flush_at_the_rms_save():
         assert snap["counters"].get("lazy_corrections_save_ref_h0", 0) == (0 if strict else 2)
 
 
-def test_a_foreign_flush_is_refused_and_allowed_only_when_isolation_is_off():
-    rig = Rig()
+@SWAP
+def test_a_foreign_flush_is_refused_and_allowed_only_when_isolation_is_off(swap: int):
+    rig = Rig(swap=swap)
     a, b = rig.file(), rig.file()
     h = rig.start(a)
     rig.sent()
     assert rc(b.cmd(flush_context(h))) == 0x000B01CB and rig.sent() == []
     assert rc(a.cmd(touch(h))) == 0
-    rig = Rig(isolate_session_flush=False)
+    rig = Rig(swap=swap, isolate_session_flush=False)
     a, b = rig.file(), rig.file()
     h = rig.start(a)
     assert rc(b.cmd(flush_context(h))) == 0
@@ -337,8 +363,9 @@ def test_a_foreign_flush_is_refused_and_allowed_only_when_isolation_is_off():
     assert rig.snap["known"] == 0
 
 
-def test_a_client_saved_session_is_detached_abandoned_and_loadable_by_a_later_file():
-    rig = Rig()
+@SWAP
+def test_a_client_saved_session_is_detached_abandoned_and_loadable_by_a_later_file(swap: int):
+    rig = Rig(swap=swap)
     a = rig.file()
     h = rig.start(a)
     blob = a.cmd(context_save(h))[10:]
@@ -353,8 +380,9 @@ def test_a_client_saved_session_is_detached_abandoned_and_loadable_by_a_later_fi
     assert rig.fake.sessions == {} and rig.snap["known"] == 0
 
 
-def test_abandoned_sessions_are_bounded():
-    rig = Rig(active=8, max_abandoned=2)
+@SWAP
+def test_abandoned_sessions_are_bounded(swap: int):
+    rig = Rig(swap=swap, active=8, max_abandoned=2)
     blobs = []
     for _ in range(4):
         f = rig.file()
@@ -367,8 +395,9 @@ def test_abandoned_sessions_are_bounded():
     assert rc(g.cmd(context_load(blobs[3]))) == 0
 
 
-def test_quotas_are_answered_by_the_rm():
-    rig = Rig(active=16, max_sessions_per_space=2, max_sessions_per_uid=3, max_detached_per_space=1)
+@SWAP
+def test_quotas_are_answered_by_the_rm(swap: int):
+    rig = Rig(swap=swap, active=16, max_sessions_per_space=2, max_sessions_per_uid=3, max_detached_per_space=1)
     a = rig.file()
     h, h2 = rig.start(a), rig.start(a)
     rig.sent()
@@ -405,8 +434,9 @@ def test_unknown_sessions_are_found_by_recalibration_and_then_someone_idle_is_ev
     assert be32(foreign, 10) in rig.fake.sessions and h in rig.fake.sessions
 
 
-def test_an_error_path_that_flushes_the_space_leaves_tombstones():
-    rig = Rig()
+@SWAP
+def test_an_error_path_that_flushes_the_space_leaves_tombstones(swap: int):
+    rig = Rig(swap=swap)
     a = rig.file()
     h = rig.start(a)
     with pytest.raises(OSError):  # no such transient handle: the kernel flushes the space
@@ -427,3 +457,63 @@ def test_kernel_mode_still_gets_the_tpms_0x905():
     rig = Rig(global_mode=False)
     full(rig)
     assert rc(rig.file().cmd(start_auth_session(True))) == int(TPM2_RC.SESSION_HANDLES)
+
+
+# --- on lazy swapping (--swap lazy --sessions global) -------------------------------------
+
+
+def test_a_resident_files_session_is_evicted_loaded_and_its_owner_is_told():
+    """The victim's owner holds the TPM (its sessions loaded, its buffer stale): the session
+    is flushed where it is, the owner put away with the rest, and told on its next use."""
+    rig = Rig(swap=1, evict_min_idle=2.0)
+    a, b = rig.file(), rig.file()
+    ha = [rig.start(a)]
+    rig.clock.t += 1
+    hb = [rig.start(b), rig.start(b)]
+    rig.clock.t += 1
+    ha.append(rig.start(a))
+    assert rig.lazy is not None and rig.lazy.is_resident(a.state.space)
+    assert rig.fake.loaded_sessions() == sorted(ha)  # a's, loaded between commands
+    rig.sent()
+    rig.clock.t += 2.5
+    c = rig.file()
+    assert rig.start(c) == ha[0]
+    # Evicted loaded, then a (resident) put away, then the command: no save of a's victim.
+    assert rig.sent() == [FLUSH, int(TPM2_CC.ContextSave), SAS]
+    assert a.state.space.session_tbl.count(0) == 2
+    assert rc(a.cmd(touch(ha[0]))) == 0x000B0910
+    assert rc(a.cmd(touch(ha[1]))) == 0
+    assert {rc(b.cmd(touch(h))) for h in hb} == {0}
+    for f in (a, b, c):
+        f.close()
+    assert rig.fake.sessions == {} and rig.fake.objects == {} and rig.snap["known"] == 0
+
+
+def test_a_closing_resident_file_leaves_nothing_loaded():
+    rig = Rig(swap=1)
+    a = rig.file()
+    rig.start(a)
+    assert rc(a.cmd(create_primary())) == 0
+    assert rig.fake.objects and rig.fake.loaded_sessions()  # resident: loaded, never saved
+    a.close()
+    assert rig.fake.sessions == {} and rig.fake.objects == {} and rig.snap["known"] == 0
+
+
+def test_what_the_daemon_flushed_is_told_to_the_resident_owner():
+    """After a lost answer the daemon flushes everything loaded: a resident file's sessions
+    go with it, and its next use of one is the RM's tombstone, not a reused handle."""
+    rig = Rig(swap=1)
+    a = rig.file()
+    h = rig.start(a)
+    rig.fake.sessions.clear()  # what the daemon's flush of everything loaded did
+    assert rig.seam is not None
+    rig.seam.loaded_flushed()
+    assert rig.lazy is not None and not rig.lazy.residents and rig.snap["known"] == 0
+    assert rc(a.cmd(touch(h))) == 0x000B0910
+
+
+def test_both_features_are_reported_and_told():
+    rig = Rig(swap=2)
+    assert rig.seam is not None and rig.seam.features == (rig.seam, rig.lazy)
+    alone = Rig().seam
+    assert alone is not None and alone.features == (alone,)

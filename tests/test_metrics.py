@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 from cusetpm.daemon.metrics import command_name, outcome
-from helpers import create_primary, get_random, rc
+from helpers import create_primary, get_random, rc, start_auth_session
 from helpers import transact as cmd
 
 
@@ -101,6 +101,24 @@ def test_a_lazy_node_shows_its_swapping(daemon):
         assert m['cusetpm_swap_events{event="resident_commands"}'] == 1
         assert m['cusetpm_swap_events{event="evictions"}'] == 1
         assert m['cusetpm_objects{node="tpmrm0"}'] == 1
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def test_global_sessions_on_lazy_swapping_show_both(daemon):
+    port = free_port()
+    args = ["--metrics", f"127.0.0.1:{port}", "--control", "off", "--swap", "lazy", "--sessions", "global"]
+    d = daemon(extra_args=args)
+    a, b = os.open(d.node, os.O_RDWR), os.open(d.node, os.O_RDWR)
+    try:
+        assert rc(cmd(a, start_auth_session())) == 0
+        assert rc(cmd(a, get_random())) == 0  # resident: sent alone
+        assert rc(cmd(b, get_random())) == 0  # a is put away first
+        m = scrape(port)
+        assert m["cusetpm_registry_sessions"] == 1
+        assert m['cusetpm_swap_events{event="resident_commands"}'] == 1
+        assert m['cusetpm_swap_events{event="evictions"}'] == 1
     finally:
         os.close(a)
         os.close(b)

@@ -15,6 +15,7 @@ from cusetpm.kernel.wire import be32
 from helpers import SyncFile, context_load, context_save, get_random, rc
 
 GAP = 300
+CONTEXT_SAVE = 0x162
 USES = 1000
 
 
@@ -92,7 +93,86 @@ def test_the_file_that_meets_the_gap_on_its_own_save_is_repaired():
     assert rc(b.cmd(context_load(saved[10:]))) == 0
 
 
-def test_the_sessions_package_is_sans_io_and_imports_only_the_kernel():
+def test_a_resident_file_saves_nothing_so_its_uses_never_reach_the_gap():
+    """``--swap lazy``: B stays resident (its session loaded) through all its uses, so the
+    TPM's counter does not move and nothing needs regapping."""
+    rig = Rig(swap=1, gap=GAP, gap_margin=16)
+    a, ha, out = _workload(rig)
+    assert set(out) == {0}
+    assert rc(a.cmd(touch(ha))) == 0
+    counters = rig.snap["counters"]
+    assert not {k for k in counters if k.startswith(("regaps", "gap_rc"))}
+    assert rig.snap["gap"]["next_seq"] < 10
+
+
+@pytest.mark.parametrize("proactive", [True, False])
+def test_files_taking_turns_on_lazy_swapping_are_regapped_and_nothing_fails(proactive: bool):
+    """Each turn puts the other file away (a session save), so the counter moves as under
+    the kernel: A's idle session is regapped, either ahead of time (every resident file put
+    away first) or when a put-away meets 0x901 (the save is sent again)."""
+    rig = Rig(swap=1, gap=GAP, gap_proactive=proactive, gap_margin=16)
+    a, b, c = rig.file(), rig.file(), rig.file()
+    ha = rig.start(a)
+    assert rc(a.cmd(touch(ha))) == 0
+    hb, hc = rig.start(b), rig.start(c)
+    out = set()
+    for _ in range(GAP):
+        out |= {rc(b.cmd(touch(hb))), rc(c.cmd(touch(hc)))}
+    assert out == {0}
+    assert {rc(f.cmd(touch(h))) for f, h in ((a, ha), (b, hb), (c, hc))} == {0}
+    counters = rig.snap["counters"]
+    if proactive:
+        assert counters["regaps_proactive"] >= 1
+    else:
+        assert counters["gap_rc_seen"] >= 1 and counters["regaps_reactive"] >= 1
+    assert "lazy_corrections_load_handle" not in counters and rig.snap["known"] == 3
+    for f in (a, b, c):
+        f.close()
+    assert rig.fake.sessions == {}
+
+
+def test_a_file_resident_for_long_is_not_regapped_from_its_stale_blob():
+    """Two files resident: F stays loaded while B and C take the other place in turn (their
+    saves move the counter).  F's last saved context grows old, but F's session is loaded,
+    not saved: no regap's business (counting it would put every file away for nothing, and
+    a regap from that stale blob would lose the session).  The saved contexts are young:
+    nothing needs regapping."""
+    rig = Rig(active=8, swap=2, gap=GAP, gap_margin=16)
+    f, b, c = rig.file(), rig.file(), rig.file()
+    hf, hb, hc = rig.start(f), rig.start(b), rig.start(c)  # c puts f away once: an old blob
+    out = set()
+    for _ in range(GAP):
+        out |= {rc(f.cmd(touch(hf))), rc(b.cmd(touch(hb))), rc(f.cmd(touch(hf))), rc(c.cmd(touch(hc)))}
+    assert out == {0}
+    counters = rig.snap["counters"]
+    assert rig.snap["gap"]["next_seq"] > GAP  # the counter went past the gap
+    # F was put away once, at c's start, and never again: nothing old was waiting for it.
+    saves_of_f = [cmd for cmd in rig.fake.commands if be32(cmd, 6) == CONTEXT_SAVE and be32(cmd, 10) == hf]
+    assert len(saves_of_f) == 1
+    assert not {k for k in counters if k.startswith(("regaps", "gap_rc", "lazy_corrections", "tombstone"))}
+
+
+def test_a_proactive_regap_puts_the_resident_files_away_first():
+    """Each file holds three sessions, all the TPM can have loaded (swtpm's limit): a regap's
+    ContextLoad finds room only once the resident file is put away, and then the gap is never
+    met."""
+    rig = Rig(active=8, swap=1, loaded=3, gap=GAP, gap_margin=16)
+    a, b, c = rig.file(), rig.file(), rig.file()
+    ha = rig.start(a)
+    assert rc(a.cmd(touch(ha))) == 0
+    hb = [rig.start(b) for _ in range(3)]
+    hc = [rig.start(c) for _ in range(3)]
+    out = set()
+    for _ in range(GAP // 6 + 10):
+        out |= {rc(b.cmd(touch(hb[0]))), rc(c.cmd(touch(hc[0])))}
+    assert out == {0}
+    counters = rig.snap["counters"]
+    assert counters["regaps_proactive"] >= 1 and "gap_rc_seen" not in counters
+    assert rc(a.cmd(touch(ha))) == 0
+
+
+def test_the_sessions_package_is_sans_io_and_imports_only_the_core():
+    """The kernel's port, and lazy swapping (itself sans-I/O on the port) it may run on."""
     import ast
     from pathlib import Path
 
@@ -107,6 +187,6 @@ def test_the_sessions_package_is_sans_io_and_imports_only_the_kernel():
             elif isinstance(node, ast.ImportFrom):
                 names.add(("." * node.level) + (node.module or ""))
         assert not {n.split(".")[0] for n in names} & {"trio", "socket", "pyfuse3", "subprocess"}, path.name
-        outside = {n for n in names if n.startswith("..") and not n.startswith("..kernel")}
+        outside = {n for n in names if n.startswith("..") and not n.startswith(("..kernel", "..swap"))}
         assert not outside, f"{path.name} imports {outside}"
         assert not {n for n in names if n.startswith("cusetpm")}, path.name

@@ -62,10 +62,15 @@ _STATUS: dict[int, Path] = {}
 
 
 def _global(
-    daemon: StartDaemon, idle: float, wait: float, tracking: str = "strict", status_dir: Path | None = None
+    daemon: StartDaemon,
+    idle: float,
+    wait: float,
+    tracking: str = "strict",
+    status_dir: Path | None = None,
+    swap: str = "kernel",
 ) -> Daemon:
     args = ["--sessions", "global", "--session-idle", str(idle), "--session-wait", str(wait)]
-    args += ["--session-tracking", tracking]
+    args += ["--session-tracking", tracking, "--swap", swap]
     if status_dir is not None:
         args += ["--session-status", str(status_dir / "status.json")]
     d = daemon(extra_args=args, inspectable=True)
@@ -92,15 +97,22 @@ def _no_sessions_left(d: Daemon) -> None:
     assert left.loaded_sessions == [] and left.saved_sessions == [], left
 
 
+def _active(d: Daemon) -> int:
+    """Sessions in the TPM: saved, and loaded (a resident file's under ``--swap lazy``)."""
+    left = settled_backend_handles(d)
+    return len(left.saved_sessions) + len(left.loaded_sessions)
+
+
+@pytest.mark.parametrize("swap", ["kernel", "lazy"])
 def test_66_sessions_on_a_64_session_tpm_all_start_and_the_evicted_owners_are_told(
-    daemon: StartDaemon, tmp_path: Path
+    daemon: StartDaemon, tmp_path: Path, swap: str
 ) -> None:
-    d = _global(daemon, idle=0.2, wait=3, status_dir=tmp_path)
+    d = _global(daemon, idle=0.2, wait=3, status_dir=tmp_path, swap=swap)
     files = [RawFile(d.node) for _ in range(ACTIVE + 2)]
     try:
         handles = [f.start() for f in files[:ACTIVE]]
         assert len(set(handles)) == ACTIVE
-        assert len(settled_backend_handles(d).saved_sessions) == ACTIVE
+        assert _active(d) == ACTIVE
         time.sleep(0.3)  # every session idle past --session-idle
         t0 = time.monotonic()
         late = [f.start() for f in files[ACTIVE:]]
@@ -111,7 +123,7 @@ def test_66_sessions_on_a_64_session_tpm_all_start_and_the_evicted_owners_are_to
         assert [f.touch(h) for f, h in zip(files[:2], handles[:2], strict=True)] == [0x000B0910] * 2
         # Everyone else's session works, the new ones too.
         assert {f.touch(h) for f, h in zip(files[2:], handles[2:] + late, strict=True)} == {0}
-        assert len(settled_backend_handles(d).saved_sessions) == ACTIVE
+        assert _active(d) == ACTIVE
         st = status(d)
         assert st["known"] == ACTIVE == st["active_max"] and st["free"] == 0
         assert st["counters"]["evictions_attached"] == 2 and st["counters"]["tombstone_hits"] == 2
@@ -306,11 +318,13 @@ def test_kernel_mode_lets_a_foreign_flush_through(daemon: StartDaemon) -> None:
     _no_sessions_left(d)
 
 
-def test_tpm2_tools_sessions_across_processes_keep_working(daemon: StartDaemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("swap", ["kernel", "lazy"])
+def test_tpm2_tools_sessions_across_processes_keep_working(daemon: StartDaemon, tmp_path: Path, swap: str) -> None:
     """tpm2-tools keep a policy session in a context file from one run to the next (each run
     is a file that closes): under global accounting such a session is client-saved, then
-    abandoned, and the next run loads it.  Seal to a policy, unseal through the session."""
-    d = _global(daemon, idle=2, wait=5)
+    abandoned, and the next run loads it.  Seal to a policy, unseal through the session.
+    The same on lazy swapping, where each run's objects stay loaded until it closes."""
+    d = _global(daemon, idle=2, wait=5, swap=swap)
     secret = b"sealed under --sessions global\n"
     run = functools.partial(tpm2, d.node, cwd=tmp_path)
     run("tpm2_createprimary", "-C", "o", "-c", "primary.ctx")

@@ -15,6 +15,7 @@ import pytest
 from cusetpm.kernel import wire
 from cusetpm.kernel.structs import Chip
 from cusetpm.kernel.tpm2_cmd import flush_context as flush_context_of
+from cusetpm.sessions import GlobalSessions
 from cusetpm.swap import LazySwap
 from helpers import (
     RawTpm,
@@ -46,13 +47,14 @@ def shape(rsp: bytes, cmd: bytes) -> tuple[int, ...]:
 
 
 def run(
-    steps: list[Step], lazy: bool, profile: str, residents: int = 1
+    steps: list[Step], lazy: bool, profile: str, residents: int = 1, sessions: bool = False
 ) -> tuple[list[tuple[int, ...]], list[int], dict[str, list[int]]]:
+    """``sessions``: under global session accounting (on lazy swapping if ``lazy``)."""
     raw = RawTpm.start()
     try:
         chip: Chip = make_chip(raw, profile)
-        if lazy:
-            chip.seam = LazySwap(residents)
+        swap = LazySwap(residents) if lazy else None
+        chip.seam = GlobalSessions(swap=swap) if sessions else swap
         files: dict[str, SyncFile] = {}
         answers, between = [], {}
         for name, build in steps:
@@ -148,6 +150,19 @@ def test_with_several_files_resident_every_answer_is_the_kernels(script: str, pr
     kernel, lazy = run(SCRIPTS[script], False, profile), run(SCRIPTS[script], True, profile, residents=3)
     assert lazy[0] == kernel[0]
     assert lazy[1] == kernel[1]
+
+
+@pytest.mark.parametrize("residents", [1, 3])
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_under_global_sessions_every_answer_is_the_same_as_without_swapping(script: str, residents: int) -> None:
+    """``--swap lazy --sessions global`` against ``--sessions global`` alone: the registry
+    answers (isolation: another file's flush is refused) and the TPM's are the same."""
+    alone = run(SCRIPTS[script], False, "6.12", sessions=True)
+    lazy = run(SCRIPTS[script], True, "6.12", residents=residents, sessions=True)
+    assert lazy[0] == alone[0]
+    assert lazy[1] == alone[1]
+    if residents == 1:
+        assert lazy[2] == alone[2]
 
 
 def test_several_resident_files_take_turns_without_swapping(raw) -> None:

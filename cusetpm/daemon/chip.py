@@ -255,7 +255,7 @@ class TpmChip:
     def _tell_features(self, event: str) -> None:
         """Call the Seam method ``event`` of each feature of the nodes' seams, once however
         many nodes share it."""
-        features = {id(c.seam.feature): c.seam.feature for c in self._cores if c.seam is not None}
+        features = {id(f): f for c in self._cores if c.seam is not None for f in c.seam.features}
         for feature in features.values():
             getattr(feature, event)()
 

@@ -70,10 +70,11 @@ def snapshot(chip: TpmChip, nodes: list[Node]) -> dict[str, Any]:
         }
         entry.update(node.tenant_status())
         out["nodes"].append(entry)
-        snap = getattr(seam, "snapshot", None)
-        if snap is not None and seam not in seams:
-            seams.append(seam)
-            out.setdefault("features", {})[type(seam).__name__] = snap()
+        for feature in node.core.seam.features if node.core.seam is not None else ():
+            snap = getattr(feature, "snapshot", None)
+            if snap is not None and feature not in seams:
+                seams.append(feature)
+                out.setdefault("features", {})[type(feature).__name__] = snap()
     return out
 
 

@@ -80,8 +80,8 @@ class _State(Collector):
             sessions.add_metric([node.name], sum(1 for s in spaces for h in s.session_tbl if h))
         yield from (files, objects, sessions)
         seen: set[int] = set()
-        for node in self.nodes:
-            feature = node.core.seam.feature if node.core.seam is not None else None
+        features = [f for node in self.nodes if node.core.seam is not None for f in node.core.seam.features]
+        for feature in features:
             snap = getattr(feature, "snapshot", None)
             if snap is None or id(feature) in seen:
                 continue

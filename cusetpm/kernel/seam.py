@@ -34,6 +34,12 @@ class Seam:
         and restarts go to each feature once, however many nodes share it."""
         return self
 
+    @property
+    def features(self) -> tuple[Seam, ...]:
+        """Every feature behind this seam: :attr:`feature`, and one it runs on (global session
+        accounting on lazy swapping).  Each is told of restarts and reports its status."""
+        return (self.feature,)
+
     def before_command(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
         """See the command as user space wrote it, virtual handles and all, before anything
         reaches the TPM.  0 goes on; a positive value is the length of a response the seam

@@ -142,10 +142,15 @@ class ContextGap:
         self.note(e, new)
         return True
 
+    def due(self) -> bool:
+        """G2's trigger: the oldest saved context is within the margin of the gap."""
+        eff, oldest = self.gap_eff, self.oldest_seq()
+        return eff is not None and oldest is not None and self.next_seq - oldest >= eff - self.settings.gap_margin
+
     def proactive(self) -> Io[None]:
         """G2: a margin before the gap, refresh every context older than a fraction of it."""
-        eff, oldest = self.gap_eff, self.oldest_seq()
-        if eff is None or oldest is None or self.next_seq - oldest < eff - self.settings.gap_margin:
+        eff = self.gap_eff
+        if eff is None or not self.due():
             return
         threshold = eff * self.settings.gap_refresh_fraction
         for e in self._candidates(None):

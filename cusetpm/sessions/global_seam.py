@@ -12,20 +12,23 @@ rules A1-A10 of research notes §7.3) with lazy checks behind them (§7.4), and 
 * what the owner of an evicted session sees (§7.7): RM-layer answers, never sent;
 * isolation (§7.12) and quotas (§7.10).
 
-The instance is shared by every node on one chip: one registry per backing TPM.
+The instance is shared by every node on one chip: one registry per backing TPM.  It runs on
+the kernel's load and save, or on lazy swapping's (``swap``: ``--swap lazy``), whose resident
+files keep their sessions loaded between commands: those have no saved context, so the
+context gap leaves them out, and the regaps that need a free slot put them away first.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from tpm2_pytss.constants import TPM2_CC, TPM2_RC, TPMA_SESSION
+from tpm2_pytss.constants import TPMA_SESSION
 
 from ..kernel import wire
 from ..kernel.request import Io, Wait
-from ..kernel.seam import Seam
+from ..kernel.seam import KERNEL, Seam
 from ..kernel.structs import NR_SLOTS, Chip, Space
 from ..kernel.tpm2_space import EOPNOTSUPP, find_and_validate_cc
 from ..kernel.tpm_interface import transmit
@@ -34,21 +37,21 @@ from . import parse
 from .commands import flush_session, is_handle_error, list_sessions
 from .gap import RC_CONTEXT_GAP, ContextGap
 from .parse import Command
+from .refusals import (
+    CC_START_AUTH_SESSION,
+    RC_RM_GAP,
+    RC_SESSION_HANDLES,
+    refusal,
+    tombstone_answer,
+    uid,
+)
 from .registry import EVICTED, LOST, Entry, Registry, State, Waiter, is_session, key
 from .settings import Settings
 
-CC_START_AUTH_SESSION = int(TPM2_CC.StartAuthSession)
-RC_SESSION_HANDLES = int(TPM2_RC.SESSION_HANDLES)
-CONTINUE_SESSION = int(TPMA_SESSION.CONTINUESESSION)
-RM = wire.RC_RESMGR_TPM_LAYER
+if TYPE_CHECKING:
+    from ..swap.lazy import LazySwap
 
-#: The codes the RM layer answers itself (research notes §7.13); nothing reaches the TPM.
-RC_RM_TABLE_FULL = RM | int(TPM2_RC.SESSION_MEMORY)  # 0x000B0903: 4th session of a file
-RC_RM_QUOTA = RM | RC_SESSION_HANDLES  # 0x000B0905: a quota (file, uid, detached)
-RC_RM_EVICTED_HANDLE = RM | int(TPM2_RC.REFERENCE_H0)  # 0x000B0910 + i: tombstone, handle area
-RC_RM_EVICTED_SESSION = RM | int(TPM2_RC.REFERENCE_S0)  # 0x000B0918 + i: tombstone, auth area
-RC_RM_NOT_YOURS = RM | (wire.RC_HANDLE + int(TPM2_RC.P) + int(TPM2_RC.RC1))  # 0x000B01CB
-RC_RM_GAP = RM | RC_CONTEXT_GAP  # 0x000B0901: a context gap that could not be repaired
+CONTINUE_SESSION = int(TPMA_SESSION.CONTINUESESSION)
 #: Commands that manage session contexts: a 0x901 answer to them is regapped and resent.
 _GAP_COMMANDS = (CC_START_AUTH_SESSION, wire.CC_CONTEXT_SAVE, wire.CC_CONTEXT_LOAD)
 
@@ -66,17 +69,17 @@ class _Cmd:
     referenced: set[int] = field(default_factory=set)
 
 
-def _uid(space: Space) -> int:
-    uid = getattr(space.owner, "uid", -1)
-    return uid if isinstance(uid, int) else -1
-
-
 class GlobalSessions(Seam):
     """Global session accounting.  ``clock`` is monotonic seconds (injectable for tests)."""
 
     may_wait = True
 
-    def __init__(self, settings: Settings | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        swap: LazySwap | None = None,
+    ) -> None:
         self.settings = settings or Settings()
         self.clock = clock
         self.registry = Registry()
@@ -84,6 +87,19 @@ class GlobalSessions(Seam):
         self._cmds: dict[int, _Cmd] = {}
         #: The command between load and save (unload() is not told whose it is).
         self._running: _Cmd | None = None
+        self._running_space: Space | None = None
+        #: Lazy swapping underneath (None: the kernel's load and save).
+        self.swap = swap
+        self.inner: Seam = KERNEL if swap is None else swap
+        if swap is not None:
+            swap.on_put_away = self._put_away
+
+    @property
+    def features(self) -> tuple[Seam, ...]:
+        return (self,) if self.swap is None else (self, self.swap)
+
+    def _resident(self, space: Space) -> bool:
+        return self.swap is not None and self.swap.is_resident(space)
 
     # --- the seam's steps ------------------------------------------------------------------
 
@@ -93,17 +109,17 @@ class GlobalSessions(Seam):
         if cmd is None:
             return 0
         reg, now = self.registry, self.clock()
-        reg.info(space, _uid(space))
+        reg.info(space, uid(space))
         ctx = _Cmd(cmd, bytes(buf[:length]))
         ctx.referenced = {key(h) for h in cmd.handles if is_session(h)}
         ctx.referenced |= {key(h) for h, _ in cmd.sessions if is_session(h)}
-        answer = self._tombstone_answer(space, cmd)
+        answer = tombstone_answer(reg, space, cmd)
         if answer is None:
             for k in ctx.referenced:  # A8
                 e = reg.entries.get(k)
                 if e is not None and e.owner is space:
                     e.last_used = now
-            answer = self._refusal(space, cmd, buf, length)
+            answer = refusal(reg, self.settings, space, cmd, buf, length)
         if answer is not None:
             return parse.rm_answer(buf, answer)
         self._cmds[id(space)] = ctx
@@ -115,7 +131,8 @@ class GlobalSessions(Seam):
             ctx.original = command(wire.CC_CONTEXT_LOAD, current)
             buf[: len(ctx.original)] = ctx.original
             reg.count("blob_substitutions")
-        if self.settings.gap_proactive:
+        if self.settings.gap_proactive and self.gap.due():
+            yield from self._put_all_away()
             yield from self.gap.proactive()
         if cmd.cc == CC_START_AUTH_SESSION:
             ctx.final = not (yield from self._obtain_slot(chip, space, ctx))
@@ -123,9 +140,10 @@ class GlobalSessions(Seam):
 
     def load(self, chip: Chip, space: Space, buf: bytearray, bufsiz: int) -> Io[int]:
         ctx = self._running = self._cmds.get(id(space))
+        self._running_space = space
         valid = find_and_validate_cc(chip, buf, bufsiz) >= 0
         before = [h for h in space.session_tbl if h]
-        ret = yield from self.gap.guard(super().load(chip, space, buf, bufsiz), space)
+        ret = yield from self.gap.guard(self.inner.load(chip, space, buf, bufsiz), space)
         if ctx is None:
             return ret
         if ret < 0 and ret != EOPNOTSUPP and valid:
@@ -143,13 +161,20 @@ class GlobalSessions(Seam):
     def unload(self, chip: Chip) -> Io[None]:
         if self._running is not None:
             self._running.flushed = True
-        yield from super().unload(chip)
+            if self.swap is not None and self._running_space is not None:
+                # A resident file loses its table here; tell its sessions' owner now.
+                self._space_flushed(self._running_space)
+        yield from self.inner.unload(chip)
 
     def save(self, chip: Chip, space: Space, buf: bytearray, length: int) -> Io[int]:
-        ret = yield from self.gap.guard(super().save(chip, space, buf, length), space)
+        ret = yield from self.gap.guard(self.inner.save(chip, space, buf, length), space)
         ctx = self._cmds.get(id(space))
         if ctx is not None and ret < 0:
             ctx.flushed = True
+        if self._resident(space):
+            # Loaded, not saved: no context of these counts in the gap.
+            for e in self.registry.of(space, State.ATTACHED):
+                e.seq = None
         return ret
 
     def after_response(self, chip: Chip, space: Space, buf: bytearray, length: int) -> Io[int]:
@@ -166,7 +191,7 @@ class GlobalSessions(Seam):
         if ctx.cmd.cc in _GAP_COMMANDS and length >= wire.TPM_HEADER_SIZE and be32(buf, 6) == RC_CONTEXT_GAP:
             length = yield from self._retry_gap(chip, space, buf, ctx)
         self._cmds.pop(id(space), None)
-        self._running = None
+        self._running = self._running_space = None
         now = self.clock()
         if length < 0 or ctx.flushed:
             if ctx.flushed:
@@ -174,7 +199,8 @@ class GlobalSessions(Seam):
         elif length >= wire.TPM_HEADER_SIZE:
             self._observe(chip, space, ctx.cmd, buf, length, now)
         self._reconcile(space, now)
-        self.gap.note_space(space)
+        if not self._resident(space):
+            self.gap.note_space(space)
         self._grant(chip)
         return length
 
@@ -183,6 +209,8 @@ class GlobalSessions(Seam):
         sessions become ABANDONED, and the oldest abandoned ones beyond the bound go."""
         reg = self.registry
         self._cmds.pop(id(space), None)
+        if self.swap is not None:
+            yield from self.swap.release_objects(space)
         for h in space.session_tbl:
             e = reg.get(h) if h else None
             if e is not None and e.owner is space and e.state is State.ATTACHED and e.handle == h:
@@ -197,70 +225,6 @@ class GlobalSessions(Seam):
             self._remove(e, EVICTED)
             reg.count("abandoned_pruned")
         self._grant(chip)
-
-    # --- RM-layer answers --------------------------------------------------------------------
-
-    def _tombstone_answer(self, space: Space, cmd: Command) -> int | None:
-        """T1/T2: a file's reference to a session the RM removed from it."""
-        reg = self.registry
-        for i, h in enumerate(cmd.handles):
-            if is_session(h) and reg.tombstoned(space, h):
-                reg.drop_tombstone(space, h)
-                reg.count("tombstone_hits")
-                if cmd.cc == wire.CC_FLUSH_CONTEXT:
-                    return wire.RC_SUCCESS  # synthesized: the session is gone, as asked
-                return RC_RM_EVICTED_HANDLE + i
-        for i, (h, _) in enumerate(cmd.sessions):
-            if is_session(h) and reg.tombstoned(space, h):
-                reg.drop_tombstone(space, h)
-                reg.count("tombstone_hits")
-                return RC_RM_EVICTED_SESSION + i
-        return None
-
-    def _refusal(self, space: Space, cmd: Command, buf: bytearray, length: int) -> int | None:
-        """Isolation and quotas: refused by the RM, never by eviction or waiting."""
-        reg, s = self.registry, self.settings
-        target = cmd.handles[0] if cmd.handles else 0
-        if cmd.cc == wire.CC_FLUSH_CONTEXT and is_session(target) and s.isolate_session_flush:
-            e = reg.get(target)
-            if (
-                e is not None
-                and e.handle == target
-                and e.owner is not space
-                and e.state in (State.ATTACHED, State.DETACHED)
-                and reg.live(e.owner)
-            ):
-                reg.count("isolation_refusals")
-                return RC_RM_NOT_YOURS
-        if cmd.cc == wire.CC_CONTEXT_SAVE and is_session(target):
-            e = reg.get(target)
-            if e is not None and e.owner is space and e.state is State.ATTACHED:
-                if len(reg.of(space, State.DETACHED)) >= s.max_detached_per_space:
-                    reg.count("quota_rejections_detached")
-                    return RC_RM_QUOTA
-        if cmd.cc == wire.CC_CONTEXT_LOAD and is_session(parse.context_handle(buf)):
-            blob = bytes(buf[wire.TPM_HEADER_SIZE : length])
-            if blob in reg.evicted_blobs:
-                reg.count("tombstone_hits")
-                return RC_RM_NOT_YOURS
-            return self._session_quota(space)
-        if cmd.cc == CC_START_AUTH_SESSION:
-            return self._session_quota(space)
-        return None
-
-    def _session_quota(self, space: Space) -> int | None:
-        reg, s = self.registry, self.settings
-        attached = len(reg.of(space, State.ATTACHED))
-        if attached >= NR_SLOTS:
-            reg.count("quota_rejections_table")
-            return RC_RM_TABLE_FULL
-        if attached >= s.max_sessions_per_space:
-            reg.count("quota_rejections_space")
-            return RC_RM_QUOTA
-        if s.max_sessions_per_uid and reg.of_uid(_uid(space)) >= s.max_sessions_per_uid:
-            reg.count("quota_rejections_uid")
-            return RC_RM_QUOTA
-        return None
 
     # --- admission, eviction, waiting -------------------------------------------------------
 
@@ -349,6 +313,7 @@ class GlobalSessions(Seam):
         """The TPM had no handle although the registry thought it had (sessions we do not
         know of): recalibrate (L5), make room, send the command again."""
         length = wire.TPM_HEADER_SIZE
+        yield from self._put_all_away()
         for _ in range(self.settings.max_evictions_per_request):
             yield from self._recalibrate()
             got = yield from self._obtain_slot(chip, space, ctx)
@@ -361,6 +326,7 @@ class GlobalSessions(Seam):
         """G3 (c, d): the file's own session-context command met the gap: regap the oldest
         and resend, as often as there are saved sessions; else 0x000B0901 (G5)."""
         length = wire.TPM_HEADER_SIZE
+        yield from self._put_all_away()
         for _ in range(len(self.registry.entries) + 1):
             self.registry.count("gap_rc_seen")
             if not (yield from self.gap.regap_oldest(None)):
@@ -410,7 +376,7 @@ class GlobalSessions(Seam):
             h = be32(buf, wire.TPM_HEADER_SIZE)
             e = reg.get(h) if is_session(h) else None
             if e is not None and e.state in (State.DETACHED, State.ABANDONED, State.FOREIGN):
-                e.state, e.owner, e.uid = State.ATTACHED, space, _uid(space)
+                e.state, e.owner, e.uid = State.ATTACHED, space, uid(space)
                 e.client_blob = e.rm_blob = None
                 e.last_used = now
 
@@ -431,7 +397,7 @@ class GlobalSessions(Seam):
             if e is not None:
                 reg.count("lazy_corrections_handle_collision")
                 self._remove(e, LOST)
-            reg.add(h, State.ATTACHED, space, _uid(space), now)
+            reg.add(h, State.ATTACHED, space, uid(space), now)
             reg.drop_tombstone(space, h)  # T3: the TPM gave this file the handle again
 
     def _space_flushed(self, space: Space) -> None:
@@ -440,7 +406,7 @@ class GlobalSessions(Seam):
         for h in list(space.session_tbl):
             e = self.registry.get(h) if h else None
             if e is not None and e.owner is space:
-                self._remove(e, LOST)
+                self._remove(e, LOST, drop_from_table=False)
         space.session_tbl[:] = [0] * NR_SLOTS
 
     def _remove(self, e: Entry, reason: str | None, drop_from_table: bool = True) -> None:
@@ -448,7 +414,12 @@ class GlobalSessions(Seam):
         reg, now = self.registry, self.clock()
         reg.remove(e.handle)
         if e.state is State.ATTACHED and e.owner is not None:
-            if drop_from_table:
+            if drop_from_table and self._resident(e.owner):
+                # Loaded: the table is all there is (its buffer is refilled when put away).
+                table = e.owner.session_tbl
+                if e.handle in table:
+                    table[table.index(e.handle)] = 0
+            elif drop_from_table:
                 parse.drop_session(e.owner, e.handle)
             if reason is not None:
                 reg.tombstone(e.owner, e.handle, reason, now, self.settings.max_tombstones_per_space)
@@ -458,6 +429,33 @@ class GlobalSessions(Seam):
     def tpm_restarted(self) -> None:
         """The daemon reconnected to a restarted TPM: L6."""
         self._reset()
+        if self.swap is not None:
+            self.swap.tpm_restarted()
+
+    def loaded_flushed(self) -> None:
+        """The daemon flushed everything loaded: the resident files' sessions are gone, and
+        their owners are told so (as after the kernel's error path) on their next use."""
+        if self.swap is not None:
+            for space, _ in self.swap.residents:
+                self._space_flushed(space)
+            self.swap.loaded_flushed()
+
+    # --- lazy swapping underneath --------------------------------------------------------------
+
+    def _put_all_away(self) -> Io[None]:
+        """Before a regap or a resend: every session saved and every slot free, as the
+        kernel leaves the TPM between commands."""
+        if self.swap is not None:
+            yield from self.swap.put_all_away()
+
+    def _put_away(self, space: Space, saved: bool) -> None:
+        """Lazy swapping put a resident file away: its sessions now have saved contexts (or,
+        if the save failed, are gone, as after the kernel's failed commit)."""
+        if not saved:
+            self._space_flushed(space)
+            return
+        self._reconcile(space, self.clock())
+        self.gap.note_space(space)
 
     def _reset(self) -> None:
         """L6: the TPM was (re)started; none of its sessions survive."""

@@ -26,6 +26,8 @@ What stays visible, and why this is opt-in, is in README.md ("Lazy context swapp
 
 from __future__ import annotations
 
+from typing import Callable
+
 from tpm2_pytss.constants import TPM2_CC, TPM2_RC, TPMA_SESSION
 
 from ..kernel import wire
@@ -132,6 +134,14 @@ class LazySwap(Seam):
         #: What the statistics say: commands run without load, evictions, full commits, and
         #: commands sent again once another file made room.
         self.counters = {"resident_commands": 0, "evictions": 0, "full_commits": 0, "room_made": 0}
+        #: Told of every file put away, and whether its contexts were saved (False: the save
+        #: failed and the TPM flushed them): a feature on top keeps its books by it.
+        self.on_put_away: Callable[[Space, bool], None] | None = None
+
+    def is_resident(self, space: Space) -> bool:
+        """Whether the file's contexts are loaded in the TPM now (its tables hold the loaded
+        handles, its buffers are stale)."""
+        return self._index(space) >= 0
 
     def _index(self, space: Space) -> int:
         for i, (s, _) in enumerate(self.residents):
@@ -153,11 +163,21 @@ class LazySwap(Seam):
                 # The kernel's commit error path: what was loaded is flushed; the file keeps
                 # nothing (its commit would have failed the command that loaded them).
                 yield from flush_space(chip)
+                if self.on_put_away is not None:
+                    self.on_put_away(space, False)
                 _forget(space)
                 return
             space.copy_from(chip.work_space)
         finally:
             chip.work_space = work
+        if self.on_put_away is not None:
+            self.on_put_away(space, True)
+
+    def put_all_away(self) -> Io[None]:
+        """Save and flush every resident file: the TPM then holds what the kernel leaves
+        between commands.  Only between a command's steps (never inside :meth:`load`)."""
+        while self.residents:
+            yield from self._evict_at(0)
 
     def _evict_others(self, space: Space) -> Io[None]:
         """Put every resident file but ``space`` away, least recently used first."""
@@ -294,6 +314,12 @@ class LazySwap(Seam):
     def release(self, chip: Chip, space: Space) -> Io[None]:
         """Close: tpm2_del_space() flushes the sessions; a resident file's objects, loaded
         rather than saved, are flushed too, which leaves the TPM as the kernel's close does."""
+        yield from self.release_objects(space)
+        yield from flush_sessions(space)
+
+    def release_objects(self, space: Space) -> Io[None]:
+        """A closing resident file's objects, loaded rather than saved: flushed, and the file
+        is no longer resident.  Its sessions are the caller's to flush."""
         mine = self._index(space)
         if mine >= 0:
             del self.residents[mine]
@@ -301,7 +327,6 @@ class LazySwap(Seam):
                 if handle and handle != SAVED:
                     yield from flush_context(handle)
             space.context_tbl[:] = [0] * NR_SLOTS
-        yield from flush_sessions(space)
 
     def tpm_restarted(self) -> None:
         """A restarted TPM holds nothing: no file is resident."""

@@ -80,8 +80,6 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         if self.swap not in ("kernel", "lazy"):
             raise ConfigError(f'swap must be "kernel" or "lazy", not {self.swap!r}')
-        if self.swap == "lazy" and any(n.sessions == "global" for n in self.nodes):
-            raise ConfigError('swap "lazy" and sessions "global" cannot be combined yet')
         check_residents(self.swap, self.swap_residents, "swap_residents")
 
 
@@ -236,8 +234,6 @@ def parse(text: str, path: Path | None = None) -> DaemonConfig:
     swap = _typed(tpm, "swap", str, f"{src}: [tpm]", "kernel")
     if swap not in ("kernel", "lazy"):
         raise ConfigError(f'{src}: [tpm]: swap must be "kernel" or "lazy", not {swap!r}')
-    if swap == "lazy" and any(n.sessions == "global" for n in nodes):
-        raise ConfigError(f'{src}: [tpm]: swap "lazy" and sessions "global" cannot be combined yet')
     residents = _typed(tpm, "swap_residents", int, f"{src}: [tpm]", 1)
     check_residents(swap, residents, f"{src}: [tpm]: swap_residents")
     return DaemonConfig(

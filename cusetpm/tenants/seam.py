@@ -78,6 +78,10 @@ class TenantSeam(Seam):
     def feature(self) -> Seam:
         return self.inner.feature
 
+    @property
+    def features(self) -> tuple[Seam, ...]:
+        return self.inner.features
+
     def tpm_restarted(self) -> None:
         """Nothing of the policy's to forget; the chip tells the inner feature itself."""
 

@@ -17,6 +17,8 @@ faithfully is the handle bookkeeping the kernel depends on:
   ContextLoad gives it back the same handle, once per save (a replayed blob is TPM_RC_HANDLE);
 * ContextSave of a handle that is not loaded is TPM_RC_REFERENCE_H0, as is a command whose
   handle area names an object or session that is not loaded;
+* optionally (``max_loaded_sessions``) at most that many sessions are loaded at once
+  (TPM_RC_SESSION_MEMORY), as swtpm's 3;
 * optionally (``max_active``) at most that many sessions exist, loaded or saved, and the next
   StartAuthSession is TPM_RC_SESSION_HANDLES, as swtpm's 64; with ``reuse_handles`` a new
   session gets the lowest free index, as swtpm does;
@@ -155,6 +157,9 @@ class FakeTpm:
     max_sessions: int = 64
     #: TPM_PT_ACTIVE_SESSIONS_MAX: beyond it StartAuthSession is SESSION_HANDLES (None: no limit).
     max_active: int | None = None
+    #: MAX_LOADED_SESSIONS: beyond it StartAuthSession and a session's ContextLoad are
+    #: SESSION_MEMORY (swtpm: 3; None: no limit).
+    max_loaded_sessions: int | None = None
     #: Give a new session the lowest free index (swtpm) instead of a fresh one.
     reuse_handles: bool = False
     #: TPM_PT_CONTEXT_GAP_MAX: a session ContextSave that would be more than this many
@@ -312,6 +317,10 @@ class FakeTpm:
         self._next_object += 1
         return handle
 
+    def _sessions_full(self) -> bool:
+        limit = self.max_loaded_sessions
+        return limit is not None and sum(self.sessions.values()) >= limit
+
     def _start_auth_session(self, params: bytes) -> tuple[bytes, bytes]:
         (nonce_size,) = struct.unpack_from(">H", params)
         offset = 2 + nonce_size
@@ -322,7 +331,7 @@ class FakeTpm:
             raise _Reply(int(TPM2_RC.VALUE) + int(TPM2_RC.P) + int(TPM2_RC.RC3))
         if self.max_active is not None and len(self.sessions) >= self.max_active:
             raise _Reply(int(TPM2_RC.SESSION_HANDLES))
-        if len(self.sessions) >= self.max_sessions:
+        if len(self.sessions) >= self.max_sessions or self._sessions_full():
             raise _Reply(int(TPM2_RC.SESSION_MEMORY))
         base = HR_HMAC_SESSION if session_type == TPM2_SE.HMAC else HR_POLICY_SESSION
         if self.reuse_handles:
@@ -376,6 +385,8 @@ class FakeTpm:
         if self.sessions.get(saved.handle) is not False or current != saved.generation:
             # Flushed, loaded already, or an older save: the context cannot be loaded.
             raise _Reply(int(TPM2_RC.HANDLE) + int(TPM2_RC.P) + int(TPM2_RC.RC1))
+        if self._sessions_full():
+            raise _Reply(int(TPM2_RC.SESSION_MEMORY))
         self.sessions[saved.handle] = True
         self._session_seq.pop(saved.handle, None)
         return saved.handle
