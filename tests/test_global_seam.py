@@ -466,15 +466,9 @@ def test_a_resident_files_session_is_evicted_loaded_and_its_owner_is_told():
     """The victim's owner holds the TPM (its sessions loaded, its buffer stale): the session
     is flushed where it is, the owner put away with the rest, and told on its next use."""
     rig = Rig(swap=1, evict_min_idle=2.0)
-    a, b = rig.file(), rig.file()
-    ha = [rig.start(a)]
-    rig.clock.t += 1
-    hb = [rig.start(b), rig.start(b)]
-    rig.clock.t += 1
-    ha.append(rig.start(a))
+    a, b, ha, hb = full(rig)
     assert rig.lazy is not None and rig.lazy.is_resident(a.state.space)
     assert rig.fake.loaded_sessions() == sorted(ha)  # a's, loaded between commands
-    rig.sent()
     rig.clock.t += 2.5
     c = rig.file()
     assert rig.start(c) == ha[0]

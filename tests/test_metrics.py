@@ -10,6 +10,8 @@ import socket
 import time
 import urllib.request
 
+import pytest
+
 from cusetpm.daemon.metrics import command_name, outcome
 from helpers import create_primary, get_random, rc, start_auth_session
 from helpers import transact as cmd
@@ -89,36 +91,23 @@ def test_without_metrics_nothing_listens(daemon):
     assert _listening_tcp(d.served.proc.pid) == set()
 
 
-def test_a_lazy_node_shows_its_swapping(daemon):
+@pytest.mark.parametrize("sessions", ["kernel", "global"])
+def test_a_lazy_node_shows_its_swapping(daemon, sessions):
+    """With ``--sessions global`` too, both features' families."""
     port = free_port()
-    d = daemon(extra_args=["--metrics", f"127.0.0.1:{port}", "--control", "off", "--swap", "lazy"])
-    a, b = os.open(d.node, os.O_RDWR), os.open(d.node, os.O_RDWR)
-    try:
-        assert rc(cmd(a, create_primary())) == 0
-        assert rc(cmd(a, get_random())) == 0  # resident: sent alone
-        assert rc(cmd(b, get_random())) == 0  # a is put away first
-        m = scrape(port)
-        assert m['cusetpm_swap_events{event="resident_commands"}'] == 1
-        assert m['cusetpm_swap_events{event="evictions"}'] == 1
-        assert m['cusetpm_objects{node="tpmrm0"}'] == 1
-    finally:
-        os.close(a)
-        os.close(b)
-
-
-def test_global_sessions_on_lazy_swapping_show_both(daemon):
-    port = free_port()
-    args = ["--metrics", f"127.0.0.1:{port}", "--control", "off", "--swap", "lazy", "--sessions", "global"]
+    args = ["--metrics", f"127.0.0.1:{port}", "--control", "off", "--swap", "lazy", "--sessions", sessions]
     d = daemon(extra_args=args)
     a, b = os.open(d.node, os.O_RDWR), os.open(d.node, os.O_RDWR)
     try:
-        assert rc(cmd(a, start_auth_session())) == 0
-        assert rc(cmd(a, get_random())) == 0  # resident: sent alone
+        assert rc(cmd(a, create_primary())) == 0
+        assert rc(cmd(a, start_auth_session())) == 0  # resident: sent alone
+        assert rc(cmd(a, get_random())) == 0  # and again
         assert rc(cmd(b, get_random())) == 0  # a is put away first
         m = scrape(port)
-        assert m["cusetpm_registry_sessions"] == 1
-        assert m['cusetpm_swap_events{event="resident_commands"}'] == 1
+        assert m['cusetpm_swap_events{event="resident_commands"}'] == 2
         assert m['cusetpm_swap_events{event="evictions"}'] == 1
+        assert m['cusetpm_objects{node="tpmrm0"}'] == 1
+        assert m.get("cusetpm_registry_sessions") == (1 if sessions == "global" else None)
     finally:
         os.close(a)
         os.close(b)
