@@ -25,7 +25,8 @@ then takes ``--tcti swtpm:port=RELAY``), and the relay counts the TPM command fr
 passes during K user commands.
 
 With ``--lazy`` (the default when ``cusetpm serve --help`` offers ``--swap``) the node also
-runs with ``--swap lazy``: the column ``node(6.12,lazy)``.  With ``--pin`` (the default when it
+runs with ``--swap lazy``: the column ``node(6.12,lazy)``, and ``node(6.12,global,lazy)`` with
+``--sessions global`` on it.  With ``--pin`` (the default when it
 offers ``--cpu``) the node runs on one CPU with its swtpm as well, in kernel mode and with
 ``--swap lazy``: ``node(6.12,cpu1)`` and ``node(6.12,lazy,cpu1)`` (the client stays unpinned).
 
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels = args.kernel or ["6.12", "6.1"]
     paths = [direct_route()] + [node_route(k) for k in kernels] + [node_route(kernels[0], "global")]
     paths += [node_route(kernels[0], extra=("--swap", "lazy"))] if args.lazy else []
+    paths += [node_route(kernels[0], "global", extra=("--swap", "lazy"))] if args.lazy else []
     if args.pin:
         cpu = str(max(os.sched_getaffinity(0)))
         paths += [node_route(kernels[0], extra=("--cpu", cpu), label=f"node({kernels[0]},cpu{cpu})")]

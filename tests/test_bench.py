@@ -125,7 +125,7 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     header = next(line for line in lines if line.startswith("backend cmds per user cmd")).split()[5:]
-    lazy = ["node(6.12,lazy)"] if bench.serve_offers("--swap") else []
+    lazy = ["node(6.12,lazy)", "node(6.12,global,lazy)"] if bench.serve_offers("--swap") else []
     cpu = max(os.sched_getaffinity(0))
     pinned = (
         [f"node(6.12,cpu{cpu})"] + [f"node(6.12,lazy,cpu{cpu})"] * bool(lazy) if bench.serve_offers("--cpu") else []
