@@ -157,6 +157,18 @@ def test_session_memory(limit: int) -> None:
     assert FakeTpm().max_sessions == 64 and FakeTpm().max_objects == 3
 
 
+def test_loaded_session_memory_counts_loaded_sessions_only() -> None:
+    fake = FakeTpm(max_loaded_sessions=2, started=True)
+    first = handle_of(fake.execute(start_auth_session()))
+    handle_of(fake.execute(start_auth_session()))
+    assert rc(fake.execute(start_auth_session())) == TPM2_RC.SESSION_MEMORY
+    saved = fake.execute(context_save(first))  # saved: no longer takes a loaded slot
+    third = handle_of(fake.execute(start_auth_session()))
+    assert rc(fake.execute(context_load(saved[10:]))) == TPM2_RC.SESSION_MEMORY
+    assert rc(fake.execute(flush_context(third))) == TPM2_RC.SUCCESS
+    assert handle_of(fake.execute(context_load(saved[10:]))) == first
+
+
 def test_malformed_commands() -> None:
     fake = started()
     assert rc(fake.execute(b"\x80\x01\x00")) == TPM2_RC.COMMAND_SIZE

@@ -277,3 +277,19 @@ def test_with_cpu_the_request_loop_pauses_its_spin_while_the_chip_is_busy(tmp_pa
     assert Served(chip, load(config), "fuse").pause_spin is None  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="cpu cannot change on reload"):
         pinned.check(load(config))
+
+
+def test_on_lazy_swapping_global_and_kernel_nodes_share_one_set_of_residents() -> None:
+    """One TPM, one LazySwap: a ``sessions = "global"`` node's registry runs on it, and a
+    kernel-sessions node uses it alone; the chip tells each feature once."""
+    from cusetpm.serve import Tenants as Serving
+    from cusetpm.sessions import GlobalSessions
+    from cusetpm.swap import LazySwap
+    from cusetpm.tenants.config import parse
+
+    config = parse('[tpm]\nswap = "lazy"\n\n[[node]]\nname = "a"\nsessions = "global"\n\n[[node]]\nname = "b"\n')
+    serving = Serving(None, config, "fuse")  # type: ignore[arg-type]
+    glob, plain = serving.seam_for(config.nodes[0]), serving.seam_for(config.nodes[1])
+    assert isinstance(glob, GlobalSessions) and isinstance(plain, LazySwap)
+    assert glob.swap is plain and glob.features == (glob, plain)
+    assert serving.seam_for(config.nodes[0]) is glob
