@@ -79,12 +79,14 @@ def check_bystander(fd: int, key: int, session: int) -> None:
 #: through all the same (issue 9).
 LAZY = ("--swap", "lazy")
 RESIDENTS = (*LAZY, "--swap-residents", "3")
+#: Global session accounting on lazy swapping: the registry's answers in front of it.
+GLOBAL_LAZY = (*LAZY, "--sessions", "global")
 
 
 @pytest.mark.parametrize(
     "kernel,extra",
-    [("6.12", ()), ("6.1", ()), ("6.12", LAZY), ("6.12", RESIDENTS)],
-    ids=["6.12", "6.1", "6.12-swap-lazy", "6.12-swap-residents"],
+    [("6.12", ()), ("6.1", ()), ("6.12", LAZY), ("6.12", RESIDENTS), ("6.12", GLOBAL_LAZY)],
+    ids=["6.12", "6.1", "6.12-swap-lazy", "6.12-swap-residents", "6.12-global-lazy"],
 )
 def test_mutated_commands_through_a_live_node(daemon, kernel, extra):
     d = daemon(kernel, extra_args=extra, inspectable=True, verbose=False)
