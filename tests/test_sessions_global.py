@@ -424,16 +424,18 @@ def _clients(d: Daemon, clients: int, seconds: float) -> list[int]:
     return rounds
 
 
-def test_more_clients_than_session_handles_all_make_progress(daemon: StartDaemon) -> None:
-    d = _global(daemon, idle=0.05, wait=5)
+@pytest.mark.parametrize("swap", ["kernel", "lazy"])
+def test_more_clients_than_session_handles_all_make_progress(daemon: StartDaemon, swap: str) -> None:
+    d = _global(daemon, idle=0.05, wait=5, swap=swap)
     rounds = _clients(d, ACTIVE + 8, 4.0)
     assert min(rounds) >= 1, rounds
     _no_sessions_left(d)
 
 
 @pytest.mark.soak
-def test_100_clients_on_64_handles_no_starvation_no_leak(daemon: StartDaemon) -> None:
-    d = _global(daemon, idle=0.2, wait=5)
+@pytest.mark.parametrize("swap", ["kernel", "lazy"])
+def test_100_clients_on_64_handles_no_starvation_no_leak(daemon: StartDaemon, swap: str) -> None:
+    d = _global(daemon, idle=0.2, wait=5, swap=swap)
     rounds = _clients(d, 100, 60.0)
     assert min(rounds) * 2 >= max(rounds), rounds
     _no_sessions_left(d)
