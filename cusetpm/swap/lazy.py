@@ -159,19 +159,19 @@ class LazySwap(Seam):
         work, chip.work_space = chip.work_space, self._spare
         try:
             _to_work_space(chip, space)
-            if (yield from save_space(chip)):
+            saved = not (yield from save_space(chip))
+            if saved:
+                space.copy_from(chip.work_space)
+            else:
                 # The kernel's commit error path: what was loaded is flushed; the file keeps
                 # nothing (its commit would have failed the command that loaded them).
                 yield from flush_space(chip)
-                if self.on_put_away is not None:
-                    self.on_put_away(space, False)
-                _forget(space)
-                return
-            space.copy_from(chip.work_space)
         finally:
             chip.work_space = work
         if self.on_put_away is not None:
-            self.on_put_away(space, True)
+            self.on_put_away(space, saved)  # before _forget: a failed one's owner is told
+        if not saved:
+            _forget(space)
 
     def put_all_away(self) -> Io[None]:
         """Save and flush every resident file: the TPM then holds what the kernel leaves
