@@ -7,6 +7,8 @@ tpm2-pytss TCTI loop (a command's bytes transmitted, the whole response received
 code checked), or with ``--api esapi`` tpm2-pytss ESAPI over the same TCTI:
 
 * direct: ``swtpm`` TCTI to a swtpm,
+* C relay: ``device`` TCTI on a C libfuse file that forwards each command to a swtpm in its
+  write() (bench_relay): the whole path in C with no resource manager, the floor of a node column,
 * node:   ``device`` TCTI on the cusetpm FUSE file (``cusetpm serve --fuse``, its own managed
   swtpm, as ``make run`` does), one daemon per kernel profile,
 * abrmd:  ``tabrmd`` TCTI to tpm2-abrmd on a private D-Bus session bus, abrmd on a swtpm.
@@ -61,9 +63,9 @@ times under TCG mean nothing).
 Prints; never asserts on speed.  Exits 1 only if some part failed to run.
 
 The parts live in cusetpm.testing: bench_rig (processes), bench_paths (client, paths,
-measuring), bench_floor, bench_limits, bench_load, bench_turns and bench_clients (the figures), bench_guest
-(the guest figure, both sides), bench_report (the tables and goals); swtpm, daemon and relay
-are the test support's own.
+measuring), bench_relay (the C relay), bench_floor, bench_limits, bench_load, bench_turns and
+bench_clients (the figures), bench_guest (the guest figure, both sides), bench_report (the
+tables and goals); swtpm, daemon and relay are the test support's own.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ from cusetpm.testing.bench_guest import GuestFigure, guest_figure
 from cusetpm.testing.bench_limits import start_backend
 from cusetpm.testing.bench_load import clients_figure, files_figure
 from cusetpm.testing.bench_paths import APIS, abrmd_route, count_commands, direct_route, measure, missing, node_route
+from cusetpm.testing.bench_relay import c_relay_route
 from cusetpm.testing.bench_report import Figures, report, report_guest
 from cusetpm.testing.bench_rig import Rig, serve_offers
 from cusetpm.testing.bench_turns import turns_figure, turns_paths
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api", choices=APIS, default="tcti",
                     help="the clients' stack: tcti (default; issue 9's TCTI loop) or esapi")  # fmt: skip
     ap.add_argument("--no-abrmd", action="store_true", help="skip tpm2-abrmd")
+    ap.add_argument("--no-relay", action="store_true", help="skip the C relay (the whole path in C: bench_relay)")
     ap.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
                     help="also the node with --swap lazy (default: if `cusetpm serve` offers --swap)")  # fmt: skip
     ap.add_argument(
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(report_guest(fig)))
         return 1 if fig.error else 0
     kernels = args.kernel or ["6.12", "6.1"]
-    paths = [direct_route()] + [node_route(k) for k in kernels] + [node_route(kernels[0], "global")]
+    paths = [direct_route()] + ([] if args.no_relay else [c_relay_route()])
+    paths += [node_route(k) for k in kernels] + [node_route(kernels[0], "global")]
     paths += [node_route(kernels[0], extra=("--swap", "lazy"))] if args.lazy else []
     paths += [node_route(kernels[0], "global", extra=("--swap", "lazy"))] if args.lazy else []
     if args.pin:

@@ -124,15 +124,16 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    header = next(line for line in lines if line.startswith("backend cmds per user cmd")).split()[5:]
+    counts_head = next(line for line in lines if line.startswith("backend cmds per user cmd"))
+    header = counts_head.replace("C relay", "C-relay").split()[5:]
     lazy = ["node(6.12,lazy)", "node(6.12,global,lazy)"] if bench.serve_offers("--swap") else []
     cpu = max(os.sched_getaffinity(0))
     pinned = (
         [f"node(6.12,cpu{cpu})"] + [f"node(6.12,lazy,cpu{cpu})"] * bool(lazy) if bench.serve_offers("--cpu") else []
     )
-    assert header == ["direct", "node(6.12)", "node(6.12,global)", *lazy, *pinned, "abrmd"]
+    assert header == ["direct", "C-relay", "node(6.12)", "node(6.12,global)", *lazy, *pinned, "abrmd"]
     counts = [line for line in lines if line.startswith("GetRandom(16)")][1]  # second table: commands
-    assert counts.split()[1:3] == ["1.00", "1.00"]  # direct, and the node on an empty space
+    assert counts.split()[1:4] == ["1.00", "1.00", "1.00"]  # direct, the C relay, the node on an empty space
     # With free slots, --sessions global sends no backend command kernel mode does not.
     table = lines[lines.index(next(line for line in lines if line.startswith("backend cmds"))) :][1:4]
     kernel, global_ = header.index("node(6.12)"), header.index("node(6.12,global)")
@@ -147,7 +148,7 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
 
     # The idle request against C libfuse: a table and one goal per node column.
     floor_head = one(r"µs per idle request \(x C libfuse\) +C libfuse +(.*)").group(1).split()
-    assert floor_head == header[1:-1]  # every node column
+    assert floor_head == header[2:-1]  # every node column
     one(rf"read\(\), nothing pending +{NUM}( +{NUM} {NUM}x){{{len(floor_head)}}}")
     one(rf"poll\(\) +{NUM}( +{NUM} {NUM}x){{{len(floor_head)}}}")
     one(rf"read\(\), one CPU +{NUM}( +{NUM} {NUM}x){{{len(floor_head)}}}")
@@ -166,7 +167,12 @@ def test_a_tiny_run_prints_the_table_and_leaves_nothing_behind(tmp_path: Path) -
     one(r"Sign ECDSA P256 +\d+ +\d+ \(4\) +\d+ +\d+")
     one(r"  one raw socket to its own swtpm, both on CPU \d+; unpinned, GetRandom\(16\) alone: \d+ µs")
     one(r"  limit = backend cost \+ 5 x the C libfuse idle read \(\d+ µs\);.*")
-    assert one(r"µs per command \(x its limit\) +(.*)").group(1).split() == floor_head
+    assert one(r"µs per command \(x its limit\) +(.*)").group(1).split() == ["C", "relay", *floor_head]
+    # Every node column and abrmd against the whole path in C.
+    against = one(r"µs per command \(x C relay\) +(.*)")
+    assert against.group(1).split() == [*floor_head, "abrmd"]
+    row = lines[lines.index(against.string) + 1]
+    assert re.fullmatch(rf"GetRandom\(16\)( +{NUM} {NUM}x){{{len(floor_head) + 1}}}", row), row
     assert not any(line.startswith("Goal (node <= 1.5x direct") for line in lines)
     verdict = rf"(NOT )?MET \(GetRandom {NUM}x, key loaded {NUM}x, Sign {NUM}x\)"
     for label in floor_head:

@@ -29,15 +29,20 @@ from .daemon import unmount
 #: The goal: an idle request on the node costs at most this times the C file system's.
 FLOOR_GOAL = 1.5
 
-C_SOURCE = r"""
-/* SPDX-License-Identifier: GPL-2.0-only */
-/* cusetpm bench: the floor.  One empty file, "idle", that answers read and poll with no work. */
+#: What the bench's C file systems share (this floor's and bench_relay's): one file,
+#: ``FILE_NAME``, in the root; its lookup and getattr.  Each adds ``setup()`` (its arguments
+#: after MOUNTPOINT OPTIONS) and the file's own ``file_open``, ``file_release``, ``file_read``,
+#: ``file_write`` and ``file_poll``; then :data:`C_MAIN`.
+C_HEAD = r"""
 #define FUSE_USE_VERSION 34
 #include <errno.h>
 #include <fuse_lowlevel.h>
 #include <poll.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 
 #define FILE_INO 2
@@ -54,7 +59,7 @@ static void fl_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct fuse_entry_param e;
 
-    if (parent != FUSE_ROOT_ID || strcmp(name, "idle") != 0) {
+    if (parent != FUSE_ROOT_ID || strcmp(name, FILE_NAME) != 0) {
         fuse_reply_err(req, ENOENT);
         return;
     }
@@ -78,47 +83,18 @@ static void fl_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     attrs(ino, &st);
     fuse_reply_attr(req, &st, 1.0);
 }
+"""
 
-static void fl_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
-{
-    if (ino != FILE_INO) {
-        fuse_reply_err(req, EISDIR);
-        return;
-    }
-    fi->direct_io = 1; /* as the node: every read() reaches us */
-    fi->keep_cache = 0;
-    fi->nonseekable = 1;
-    fuse_reply_open(req, fi);
-}
-
-static void fl_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
-{
-    (void)ino, (void)size, (void)off, (void)fi;
-    fuse_reply_buf(req, NULL, 0);
-}
-
-static void fl_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
-             struct fuse_file_info *fi)
-{
-    (void)ino, (void)buf, (void)off, (void)fi;
-    fuse_reply_write(req, size);
-}
-
-static void fl_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct fuse_pollhandle *ph)
-{
-    (void)ino, (void)fi;
-    if (ph)
-        fuse_pollhandle_destroy(ph);
-    fuse_reply_poll(req, POLLOUT | POLLWRNORM);
-}
-
+#: The end of every C file system: mount, say "ready", serve from one thread until unmounted.
+C_MAIN = r"""
 static const struct fuse_lowlevel_ops ops = {
     .lookup = fl_lookup,
     .getattr = fl_getattr,
-    .open = fl_open,
-    .read = fl_read,
-    .write = fl_write,
-    .poll = fl_poll,
+    .open = file_open,
+    .release = file_release,
+    .read = file_read,
+    .write = file_write,
+    .poll = file_poll,
 };
 
 int main(int argc, char *argv[])
@@ -127,8 +103,8 @@ int main(int argc, char *argv[])
     struct fuse_session *se;
     int ret;
 
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s MOUNTPOINT OPTIONS\n", argv[0]);
+    if (argc < 3 || setup(argc - 3, argv + 3)) {
+        fprintf(stderr, "usage: %s MOUNTPOINT OPTIONS %s\n", argv[0], USAGE);
         return 2;
     }
     if (fuse_opt_add_arg(&args, argv[0]) || fuse_opt_add_arg(&args, "-o") || fuse_opt_add_arg(&args, argv[2]))
@@ -148,6 +124,64 @@ int main(int argc, char *argv[])
     return ret ? 1 : 0;
 }
 """
+
+#: The floor: one empty file, "idle", that answers read and poll with no work.
+C_FLOOR = r"""
+#define USAGE ""
+
+static int setup(int argc, char *argv[])
+{
+    (void)argv;
+    return argc != 0;
+}
+
+static void file_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (ino != FILE_INO) {
+        fuse_reply_err(req, EISDIR);
+        return;
+    }
+    fi->direct_io = 1; /* as the node: every read() reaches us */
+    fi->keep_cache = 0;
+    fi->nonseekable = 1;
+    fuse_reply_open(req, fi);
+}
+
+static void file_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    (void)ino, (void)size, (void)off, (void)fi;
+    fuse_reply_buf(req, NULL, 0);
+}
+
+static void file_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+             struct fuse_file_info *fi)
+{
+    (void)ino, (void)buf, (void)off, (void)fi;
+    fuse_reply_write(req, size);
+}
+
+static void file_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct fuse_pollhandle *ph)
+{
+    (void)ino, (void)fi;
+    if (ph)
+        fuse_pollhandle_destroy(ph);
+    fuse_reply_poll(req, POLLOUT | POLLWRNORM);
+}
+
+static void file_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino, (void)fi;
+    fuse_reply_err(req, 0);
+}
+"""
+
+
+def c_source(file_name: str, body: str) -> str:
+    """A whole C file system: :data:`C_HEAD` serving ``file_name``, ``body``, :data:`C_MAIN`."""
+    return f'/* SPDX-License-Identifier: GPL-2.0-only */\n#define FILE_NAME "{file_name}"\n' + C_HEAD + body + C_MAIN
+
+
+C_SOURCE = c_source("idle", C_FLOOR)
 
 
 @dataclass
@@ -226,19 +260,28 @@ def missing_c() -> str | None:
 
 def start_c_floor(rig: Rig) -> str:
     """Build and mount the C file system; returns the path of its file."""
-    work = rig.dir("c-floor")
-    src, binary, mnt = work / "floor.c", work / "floor", work / "mnt"
-    src.write_text(C_SOURCE)
+    return start_c_file(rig, "c-floor", C_SOURCE, "idle", "cusetpm-floor")
+
+
+def start_c_file(
+    rig: Rig, name: str, source: str, file: str, fsname: str, args: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()
+) -> str:
+    """Build ``source`` with gcc and libfuse3, mount it (``MOUNTPOINT OPTIONS *args``; it
+    prints "ready" once mounted) and wait for its ``file``; returns that file's path."""
+    work = rig.dir(name)
+    src, binary, mnt = work / f"{name}.c", work / name, work / "mnt"
+    src.write_text(source)
     cc = subprocess.run(
         ["gcc", "-O2", "-Wall", "-o", str(binary), str(src), *fuse_flags()], capture_output=True, text=True
     )
     if cc.returncode != 0:
         raise RuntimeError(f"gcc failed: {cc.stderr.strip()[-400:]}")
     mnt.mkdir()
-    options = "fsname=cusetpm-floor,subtype=cusetpm-floor,default_permissions"
+    options = f"fsname={fsname},subtype={fsname},default_permissions"
     options += ",allow_other" if os.getuid() == 0 else ""  # as the node
     rig.stack.callback(unmount, mnt)  # after the process stopped (callbacks run last first)
-    proc = rig.popen([str(binary), str(mnt), options], work / "stderr", stdout=subprocess.PIPE)
+    argv = [str(binary), str(mnt), options, *args]
+    proc = rig.popen(argv, work / "stderr", stdout=subprocess.PIPE, pass_fds=pass_fds)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 20)
     line = proc.stdout.readline() if ready else b""
@@ -247,7 +290,7 @@ def start_c_floor(rig: Rig) -> str:
             proc.wait(1)
         log = (work / "stderr").read_text(errors="replace").strip()[-400:]
         raise RuntimeError(f"the C file system did not mount (status {proc.poll()}): {log}")
-    path = str(mnt / "idle")
+    path = str(mnt / file)
     deadline = time.monotonic() + 10
     while not os.path.exists(path):  # the first request waits for INIT: answered by now
         if time.monotonic() > deadline:

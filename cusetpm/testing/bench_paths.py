@@ -262,7 +262,7 @@ def measure(
                 continue
             try:
                 name, conf = p.setup(rig)
-                if name == "device":
+                if name == "device" and p.mode is not None:  # a node (the C relay has no mode)
                     nodes[p.label] = conf
                 cs = open_clients(name, conf, stack, api)
                 for _, kind, meth in OPS:

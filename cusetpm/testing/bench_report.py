@@ -14,6 +14,7 @@ from .bench_guest import DEFAULT_NAME, GUEST_GOAL, PATHS, ROWS, GuestFigure
 from .bench_limits import BackendCost, cycle_commands
 from .bench_load import FAIRNESS_GOAL, FILE_KIB_GOAL, THROUGHPUT_GOAL, FilesFigure, LoadFigure
 from .bench_paths import OPS, Route
+from .bench_relay import LABEL as RELAY
 from .bench_turns import TurnsPath
 
 #: Issue 9's goals against the limits and abrmd, all ratios in the same run.
@@ -294,7 +295,10 @@ def report(
         "device, tabrmd), in this one process (the swtpm TCTI, so direct too, connects anew per command).  "
         "Each path has its own fresh swtpm (cusetpm's managed arguments).  node = `cusetpm serve --fuse` "
         "with its managed swtpm (as `make run`), one daemon per kernel profile; abrmd = tpm2-abrmd on a "
-        "private D-Bus session bus.  Per path two connections: one with nothing loaded (GetRandom) and one "
+        "private D-Bus session bus; C relay = a C libfuse low-level file the bench builds (gcc, libfuse3; "
+        "one thread) whose write() sends the command to its own swtpm over a Unix socket and waits for "
+        "the response, which read() hands out: the whole path in C, with no resource manager.  Per path "
+        "two connections: one with nothing loaded (GetRandom) and one "
         "holding an ECC P-256 signing primary (Sign: sha256 digest, null scheme = the key's ECDSA-SHA256).  "
         f"All paths set up and warmed up ({args.warmup} calls per row), then {args.rounds} interleaved "
         f"rounds, each one batch per row and path ({args.random} GetRandom, {args.sign} Sign), one path at "
@@ -411,11 +415,29 @@ def report_limits(paths: list[Route], cost: BackendCost | None, floor: Floor | N
     else:
         out.append(f"  limits: not measured ({why_limit})")
     nodes = [p for p in paths if p.mode is not None]
+    relay = next((p for p in paths if p.label == RELAY and not p.error), None)
     if nodes and why_limit is None:
-        cols = [[p.label, *(ratio(p.median(op), limit_of(cost, floor, op, p.mode or "kernel")) for op in rows)]
-                for p in nodes]  # fmt: skip
+        # The C relay sends the command alone: its limit is --swap lazy's.
+        with_relay = [(relay, "lazy")] if relay is not None else []
+        cols = [[p.label, *(ratio(p.median(op), limit_of(cost, floor, op, mode)) for op in rows)]
+                for p, mode in with_relay + [(p, p.mode or "kernel") for p in nodes]]  # fmt: skip
         out += [""] + grid("µs per command (x its limit)", rows, cols)
-    return out + [""] + goals(paths, cost, floor)
+        if relay is not None:
+            out.append(f"  {RELAY}: the whole path in C, no resource manager; its limit is --swap lazy's")
+    return out + report_relay(paths) + [""] + goals(paths, cost, floor)
+
+
+def report_relay(paths: list[Route]) -> list[str]:
+    """Every node column and abrmd against the C relay: what the daemon costs beyond the
+    whole path done in C (bench_relay).  No goal: where the time goes."""
+    relay = next((p for p in paths if p.label == RELAY), None)
+    if relay is None:
+        return []
+    if relay.error or not relay.batches:
+        return ["", f"  x {RELAY}: not measured ({RELAY} failed)"]
+    others = [p for p in paths if p.mode is not None or p.label == "abrmd"]
+    cols = [[p.label, *(ratio(p.median(op), relay.median(op)) for op, _, _ in OPS)] for p in others]
+    return [""] + grid(f"µs per command (x {RELAY})", [op for op, _, _ in OPS], cols)
 
 
 def goals(paths: list[Route], cost: BackendCost | None, floor: Floor | None) -> list[str]:
