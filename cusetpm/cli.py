@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument(
         "--spin-us", type=float, metavar="US",
-        help="how long the request loop keeps polling for the next request before it sleeps "
-        "(default 100; 0: sleep at once); see README, 'The request path'",
+        help="how long the request loop keeps polling for the next request, and a client alone's "
+        "command the TPM's socket for its answer, before sleeping (default 100; 0: sleep at once); "
+        "see README, 'The request path'",
     )  # fmt: skip
     serve.add_argument(
         "--cpu", type=int, metavar="N",

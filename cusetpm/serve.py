@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .backends.socket import SocketBackend
 from .daemon.chip import TpmChip
 from .daemon.node import Node
 from .kernel.profiles import get_profile
@@ -27,6 +28,7 @@ from .kernel.seam import Seam
 from .tenants.config import ConfigError, DaemonConfig, NodeConfig, load
 
 if TYPE_CHECKING:
+    from .backends.spin import SpinWait
     from .daemon.metrics import Metrics
     from .frontends.fuse import TpmFuse
     from .frontends.fuse_pyfuse3 import TpmFuse as PyTpmFuse
@@ -73,6 +75,19 @@ class Tenants:
         """With ``cpu`` the managed swtpm shares the request loop's CPU: the loop stops spinning
         while the chip is busy (a command at the TPM), whose CPU time the spin would take."""
         return self.chip.lock.locked if self.config.cpu is not None else None
+
+    def _spin_wait(self) -> SpinWait | None:
+        """The socket backend's spin for the TPM's answer (:mod:`.backends.spin`), one for the
+        daemon, which every channel of ours stops; ``spin_us`` long.  None for any other
+        backend, and with ``spin_us`` 0."""
+        backend = getattr(self.chip, "backend", None)
+        if not isinstance(backend, SocketBackend) or self.config.spin_us <= 0:
+            return None
+        if backend.spin_wait is None:
+            from .backends.spin import SpinWait
+
+            backend.spin_wait = SpinWait(self.config.spin_us / 1e6, alone=self.chip.alone)
+        return backend.spin_wait
 
     def path(self, name: str) -> str:
         if self.kind == "cuse":
@@ -138,7 +153,8 @@ class Tenants:
                 from .frontends import fuse
 
                 self._fuse = fuse.TpmFuse()
-                serve = functools.partial(fuse.serve_fuse, spin=self.config.spin_us / 1e6, pause_spin=self.pause_spin)
+                serve = functools.partial(fuse.serve_fuse, spin=self.config.spin_us / 1e6, pause_spin=self.pause_spin,
+                                          watch=self._spin_wait())  # fmt: skip
         for nc in self.config.nodes:
             await self._add(nc)
         if self._fuse is not None:
@@ -160,7 +176,8 @@ class Tenants:
                 with scope:
                     await serve_cuse(node, nc.name, major=self.major, minor=self.minor, mode=nc.mode,
                                      owner=nc.owner, group=nc.group, spin=self.config.spin_us / 1e6,
-                                     pause_spin=self.pause_spin, task_status=task_status)  # fmt: skip
+                                     pause_spin=self.pause_spin, watch=self._spin_wait(),
+                                     task_status=task_status)  # fmt: skip
 
             await self._nursery.start(run)
             self._scopes[node] = scope

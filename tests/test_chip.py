@@ -160,3 +160,55 @@ def test_a_blocking_command_runs_to_its_end_when_its_caller_is_cancelled(tmp_pat
         assert rc(rsp) == 0 and wire.be32(rsp, 10) == 0x80FFFFFF
 
     run_with_chip(tmp_path, body)
+
+
+def test_the_chip_is_alone_while_one_file_has_it_to_itself(tmp_path):
+    """What the socket backend's spin asks (cusetpm.backends.spin): the command at the TPM is
+    its file's second in a row, and none is queued for the worker or waits for the chip lock."""
+
+    async def main() -> None:
+        async with managed_swtpm(tmp_path / "state") as backend:
+            chip = TpmChip(backend)
+            await chip.register()
+            node = Node(chip, PROFILES["6.12"], seam=Slow())
+            f, g = node.open(), node.open()
+            assert not chip.alone()  # no command yet
+            async with trio.open_nursery() as nursery:
+                await nursery.start(chip.serve)
+                assert await f.write(get_random(8), True) == len(get_random(8))
+                await trio.sleep(0.05)
+                assert not chip.alone()  # f's first: another file may have had the one before
+                await trio.sleep(0.3)
+                assert len(await f.read(4096)) == 10 + 2 + 8
+                assert await f.write(get_random(8), True) == len(get_random(8))
+                await trio.sleep(0.05)
+                assert chip.alone()  # f's second in a row, nothing else waits
+                assert await g.write(get_random(8), True) == len(get_random(8))
+                assert not chip.alone()  # g's is queued behind it
+                await trio.sleep(0.3)
+                assert not chip.alone()  # g's runs: after f's
+                await trio.sleep(0.3)
+                waiting = trio.Event()
+
+                async def hold() -> None:
+                    async with chip.lock:
+                        waiting.set()
+                        await trio.sleep(0.05)
+
+                async def wait_for_it() -> None:
+                    async with chip.lock:  # a command waiting for the chip
+                        pass
+
+                chip._same_file = True
+                nursery.start_soon(hold)
+                await waiting.wait()
+                nursery.start_soon(wait_for_it)
+                await trio.sleep(0.01)
+                assert not chip.alone()
+                await trio.sleep(0.1)
+                assert chip.alone()
+                await f.release()
+                await g.release()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -2,18 +2,17 @@
 """The FUSE front end's own rules (the node's behaviour is tested through it elsewhere)."""
 
 import errno
+import functools
 
 import pytest
 import trio
 
 
-def test_open_passes_who_opened_to_the_node(tmp_path):
-    """The FUSE request header's uid, gid and pid reach Node.open (a tenant policy keys on them)."""
-    import os
-    import threading
-
+def serve_one_node(tmp_path, body, **serve_kw) -> None:
+    """A node on a managed swtpm, its FUSE file served in ``tmp_path/mnt`` (``serve_kw``: more
+    of serve_fuse's arguments), while ``body(node)`` runs."""
     from cusetpm.backends import managed_swtpm
-    from cusetpm.daemon import Node, Opener, TpmChip
+    from cusetpm.daemon import Node, TpmChip
     from cusetpm.frontends.fuse import serve_fuse
     from cusetpm.kernel.profiles import PROFILES
 
@@ -24,21 +23,56 @@ def test_open_passes_who_opened_to_the_node(tmp_path):
             node = Node(chip, PROFILES["6.12"])
             async with trio.open_nursery() as nursery:
                 await nursery.start(chip.serve)
-                await nursery.start(serve_fuse, node, str(tmp_path / "mnt"))
-
-                def open_it() -> tuple[int, int]:
-                    return os.open(str(tmp_path / "mnt" / "tpmrm0"), os.O_RDWR), threading.get_native_id()
-
-                fd, tid = await trio.to_thread.run_sync(open_it)
-                try:
-                    (f,) = node.files
-                    # FUSE names the calling thread (its tid), as the kernel's current->pid.
-                    assert f.opener == Opener(os.getuid(), os.getgid(), tid)
-                finally:
-                    await trio.to_thread.run_sync(os.close, fd)
+                await nursery.start(functools.partial(serve_fuse, node, str(tmp_path / "mnt"), **serve_kw))
+                await body(node)
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_open_passes_who_opened_to_the_node(tmp_path):
+    """The FUSE request header's uid, gid and pid reach Node.open (a tenant policy keys on them)."""
+    import os
+    import threading
+
+    from cusetpm.daemon import Opener
+
+    async def body(node) -> None:
+        def open_it() -> tuple[int, int]:
+            return os.open(str(tmp_path / "mnt" / "tpmrm0"), os.O_RDWR), threading.get_native_id()
+
+        fd, tid = await trio.to_thread.run_sync(open_it)
+        try:
+            (f,) = node.files
+            # FUSE names the calling thread (its tid), as the kernel's current->pid.
+            assert f.opener == Opener(os.getuid(), os.getgid(), tid)
+        finally:
+            await trio.to_thread.run_sync(os.close, fd)
+
+    serve_one_node(tmp_path, body)
+
+
+def test_the_channel_is_watched_while_it_serves(tmp_path):
+    """serve_fuse tells ``watch`` of its /dev/fuse descriptor once mounted, and forgets it as it
+    closes (the socket backend's spin ends for a request there: cusetpm.backends.spin)."""
+    import os
+
+    seen: list[tuple[str, int]] = []
+
+    class Watch:
+        def watch(self, fd: int) -> None:
+            seen.append(("watch", fd))
+
+        def forget(self, fd: int) -> None:
+            seen.append(("forget", fd))
+
+    async def body(node) -> None:
+        ((what, fd),) = seen
+        assert what == "watch" and os.readlink(f"/proc/self/fd/{fd}") == "/dev/fuse"
+
+    serve_one_node(tmp_path, body, watch=Watch())
+    ((_, fd), _) = seen
+    assert seen == [("watch", fd), ("forget", fd)]
 
 
 def _mounts(path: str) -> int:

@@ -293,3 +293,28 @@ def test_on_lazy_swapping_global_and_kernel_nodes_share_one_set_of_residents() -
     assert isinstance(glob, GlobalSessions) and isinstance(plain, LazySwap)
     assert glob.swap is plain and glob.features == (glob, plain)
     assert serving.seam_for(config.nodes[0]) is glob
+
+
+def test_a_socket_backend_gets_one_spin_for_the_daemon_as_long_as_spin_us(tmp_path: Path) -> None:
+    """serve gives a swtpm or simulator backend its spin for the answer (cusetpm.backends.spin),
+    spin_us long, the chip's ``alone`` to ask; one for all nodes; none with spin_us 0 or for
+    another backend."""
+    from types import SimpleNamespace
+
+    from cusetpm.backends.socket import SocketBackend
+    from cusetpm.serve import Tenants as Served
+    from cusetpm.tenants.config import load
+
+    config = tmp_path / "tenants.toml"
+    config.write_text('[front]\nspin_us = 40\n\n[[node]]\nname = "a"\n\n[[node]]\nname = "b"\n')
+    backend = SocketBackend("127.0.0.1", 1)
+    chip = SimpleNamespace(backend=backend, alone=lambda: True)
+    served = Served(chip, load(config), "cuse")  # type: ignore[arg-type]
+    spin = served._spin_wait()
+    assert spin is not None and spin is backend.spin_wait and served._spin_wait() is spin
+    assert spin.seconds == pytest.approx(40e-6) and spin.alone is chip.alone
+    config.write_text('[front]\nspin_us = 0\n\n[[node]]\nname = "a"\n')
+    off = SimpleNamespace(backend=SocketBackend("127.0.0.1", 1), alone=lambda: True)
+    assert Served(off, load(config), "cuse")._spin_wait() is None  # type: ignore[arg-type]
+    other = SimpleNamespace(backend=object(), alone=lambda: True)
+    assert Served(other, load(config), "cuse")._spin_wait() is None  # type: ignore[arg-type]

@@ -58,6 +58,8 @@ class MssimBackend(SocketBackend):
         sock = self._sock
         assert sock is not None
         await send_all(sock, struct.pack(">IBI", SEND_COMMAND, LOCALITY, len(data)) + data)
+        if self.spin_wait is not None:
+            self.spin_wait.ready(sock.fileno())
         (size,) = struct.unpack(">I", await _recv_exact(sock, 4))
         rsp = await _recv_exact(sock, size)
         await _recv_exact(sock, 4)  # the simulator's acknowledgement

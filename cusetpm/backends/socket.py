@@ -14,6 +14,7 @@ import trio
 from ..kernel import wire
 from ..kernel.wire import be32
 from .base import BackendError, unframeable
+from .spin import SpinWait
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class SocketBackend:
         self._watch_scope: trio.CancelScope | None = None
         self._deadline = math.inf
         self._timed_out = False
+        #: Polls for the answer briefly before sleeping for it (``serve --spin-us``; .spin).
+        self.spin_wait: SpinWait | None = None
 
     async def connect(self) -> None:
         if self.unix is not None:
@@ -197,6 +200,8 @@ class SocketBackend:
         sock = self._sock
         assert sock is not None
         await send_all(sock, data)
+        if self.spin_wait is not None:
+            self.spin_wait.ready(sock.fileno())  # either way, recv_some then reads or waits
         rsp = b""
         while True:
             rsp += await recv_some(sock)

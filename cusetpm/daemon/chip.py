@@ -81,6 +81,10 @@ class TpmChip:
         #: Run each O_NONBLOCK command in a task of its own instead of one worker: set when
         #: a node's seam may wait (Seam.may_wait), so a waiting command holds up no other.
         self.concurrent_work = False
+        #: The file of the last command, and whether the one before was the same file's
+        #: (:meth:`alone`).
+        self._last_file: DeviceFile | None = None
+        self._same_file = False
 
     def core(self, profile: KernelProfile) -> Chip:
         """A core chip as one kernel profile sees this TPM (a node has one); it gets the
@@ -169,6 +173,7 @@ class TpmChip:
         """:meth:`command` for a file's command: checked again under the lock, because the
         TPM may have gone, or restarted, while the file waited for it."""
         async with self._held():
+            self._same_file, self._last_file = f is self._last_file, f
             if not self.usable_by(f):
                 gen.close()
                 return -errno.EPIPE
@@ -258,6 +263,15 @@ class TpmChip:
         features = {id(f): f for c in self._cores if c.seam is not None for f in c.seam.features}
         for feature in features.values():
             getattr(feature, event)()
+
+    def alone(self) -> bool:
+        """One client has the TPM to itself: the command at the TPM is its file's second in a
+        row, and no other command waits (none queued for the worker, none for the lock)."""
+        return (
+            self._same_file
+            and self._work_send.statistics().current_buffer_used == 0
+            and not self.lock.statistics().tasks_waiting
+        )
 
     def queue_work(self, f: DeviceFile) -> None:
         """Queue an O_NONBLOCK command (queue_work(tpm_dev_wq, ...)).  One worker task runs

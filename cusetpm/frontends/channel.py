@@ -75,6 +75,15 @@ class FileOps(Protocol):
     async def release(self) -> None: ...
 
 
+class ChannelWatch(Protocol):
+    """Told of each channel while it serves (the socket backends' spin, which a request
+    waiting on one ends: cusetpm.backends.spin)."""
+
+    def watch(self, fd: int) -> None: ...
+
+    def forget(self, fd: int) -> None: ...
+
+
 class DeviceOps(Protocol):
     """The device: makes a :class:`FileOps` per open()."""
 

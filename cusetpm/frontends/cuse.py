@@ -22,7 +22,7 @@ import trio
 
 from ..daemon.node import Opener
 from . import cuse_proto as proto
-from .channel import DEFAULT_SPIN, Channel, DeviceOps, FileOps
+from .channel import DEFAULT_SPIN, Channel, ChannelWatch, DeviceOps, FileOps
 
 __all__ = ["DeviceOps", "FileOps", "serve_cuse"]
 
@@ -138,6 +138,7 @@ async def serve_cuse(
     group: int | None = None,
     spin: float = DEFAULT_SPIN,
     pause_spin: Callable[[], bool] | None = None,
+    watch: ChannelWatch | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``device`` as ``/dev/<name>`` until the channel dies or we are cancelled.
@@ -153,6 +154,8 @@ async def serve_cuse(
     fd = os.open(CUSE_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     server = _Server(fd, device, name, spin)
     server.pause_spin = pause_spin
+    if watch is not None:
+        watch.watch(fd)
     try:
         async with trio.open_nursery() as nursery:
             await server.handshake(major, minor)
@@ -171,6 +174,8 @@ async def serve_cuse(
             log.info("cuse: serving %s", path)
             task_status.started()
     finally:
+        if watch is not None:
+            watch.forget(fd)
         server.fd = None
         trio.lowlevel.notify_closing(fd)
         os.close(fd)

@@ -34,7 +34,7 @@ import trio
 from ..daemon.node import Node, Opener
 from . import cuse_proto as proto
 from . import fuse_proto as fsp
-from .channel import DEFAULT_SPIN, Channel
+from .channel import DEFAULT_SPIN, Channel, ChannelWatch
 
 __all__ = ["Directory", "Entry", "TpmFuse", "serve_fuse", "unmount_dead"]
 
@@ -260,6 +260,7 @@ async def serve_fuse(
     group: int | None = None,
     spin: float = DEFAULT_SPIN,
     pause_spin: Callable[[], bool] | None = None,
+    watch: ChannelWatch | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Mount ``mountpoint`` and serve until cancelled; then unmount.
@@ -277,6 +278,8 @@ async def serve_fuse(
     os.makedirs(mountpoint, exist_ok=True)
     fd = await mount(mountpoint, options)
     fs.fd = fd
+    if watch is not None:
+        watch.watch(fd)
     notify_send, notify_receive = trio.open_memory_channel[bytes](64)
     fs._notify_send = notify_send
     try:
@@ -302,6 +305,8 @@ async def serve_fuse(
                 await entry.node.close_all()
             await fs.release_all()
             await unmount(mountpoint)
+            if watch is not None:
+                watch.forget(fd)
             fs.fd = None
             trio.lowlevel.notify_closing(fd)
             os.close(fd)

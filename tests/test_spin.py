@@ -1,0 +1,131 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The socket backends' spin for the TPM's answer (cusetpm.backends.spin): it returns as soon as
+the answer is there, gives up after its time, ends early for a channel's request (later while
+the command is alone), and a socket backend with it answers exactly as without."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from cusetpm.backends.spin import ALONE_GRACE, SpinWait
+
+
+@pytest.fixture
+def tpm() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(the backend's end, the TPM's end)."""
+    yield from _pair()
+
+
+@pytest.fixture
+def channel() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(the channel the spin watches, the kernel's end that sends it requests)."""
+    yield from _pair()
+
+
+def _pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    with a, b:
+        yield a, b
+
+
+def timed(spin: SpinWait, fd: int) -> tuple[bool, float]:
+    start = time.perf_counter()
+    got = spin.ready(fd)
+    return got, time.perf_counter() - start
+
+
+def test_off_it_returns_at_once(tpm: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = tpm
+    theirs.send(b"answer")
+    assert SpinWait(0.0).ready(ours.fileno()) is False  # the caller reads or waits, as without
+
+
+def test_an_answer_already_there_or_coming_during_the_spin_ends_it(tpm: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = tpm
+    spin = SpinWait(2.0)
+    theirs.send(b"answer")
+    got, took = timed(spin, ours.fileno())
+    assert got and took < 0.5
+    assert ours.recv(100) == b"answer"  # the spin only looks
+    later = threading.Timer(0.01, theirs.send, (b"late",))
+    later.start()
+    got, took = timed(spin, ours.fileno())
+    later.join()
+    assert got and 0.005 < took < 1.0
+
+
+def test_no_answer_gives_up_after_its_time(tpm: tuple[socket.socket, socket.socket]) -> None:
+    ours, _ = tpm
+    got, took = timed(SpinWait(0.02), ours.fileno())
+    assert not got and 0.02 <= took < 0.5
+
+
+def test_a_request_on_a_channel_ends_the_spin_after_a_grace_and_only_a_client_alone_spins(
+    tpm: tuple[socket.socket, socket.socket], channel: tuple[socket.socket, socket.socket]
+) -> None:
+    ours, theirs = tpm
+    watched, kernel = channel
+    alone = True
+    spin = SpinWait(0.2, alone=lambda: alone)
+    spin.watch(watched.fileno())
+    kernel.send(b"request")
+    got, took = timed(spin, ours.fileno())
+    assert not got and ALONE_GRACE <= took < 0.1  # its own poll, most likely: let it wait a little
+    theirs.send(b"answer")
+    assert spin.ready(ours.fileno())  # the answer wins over a waiting request
+    ours.recv(100)
+    spin.forget(watched.fileno())
+    got, took = timed(spin, ours.fileno())
+    assert not got and took >= 0.2  # forgotten: the request there no longer ends the spin
+    alone = False
+    got, took = timed(spin, ours.fileno())
+    assert not got and took < 0.1  # not a client alone: no spin at all
+
+
+def answer_once(listener: socket.socket, response: bytes) -> None:
+    """A TPM in a thread of its own: one command, answered while the backend spins."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.recv(4096)
+        time.sleep(0.002)
+        conn.sendall(response)
+
+
+def test_a_socket_backend_with_a_spin_answers_as_without() -> None:
+    from cusetpm.backends.socket import SocketBackend
+    from cusetpm.kernel import wire
+
+    response = wire.command(0)  # a 10-byte success
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    address = f"\0cusetpm-test-spin-{id(listener)}"
+    listener.bind(address)
+    listener.listen(1)
+    calls: list[int] = []
+
+    class Counting(SpinWait):
+        def ready(self, fd: int) -> bool:
+            got = super().ready(fd)
+            calls.append(got)
+            return got
+
+    async def main() -> None:
+        backend = SocketBackend("", 0, unix=address)
+        backend.spin_wait = Counting(1.0)
+        await backend.connect()
+        assert await backend.transmit(wire.command(0x17B), 5) == response
+        await backend.aclose()
+
+    tpm = threading.Thread(target=answer_once, args=(listener, response))
+    tpm.start()
+    try:
+        trio.run(main)
+    finally:
+        tpm.join()
+        listener.close()
+    assert calls == [True]
