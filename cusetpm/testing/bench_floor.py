@@ -3,8 +3,9 @@
 
 The node's idle request (a read() with nothing pending, a poll()) does no TPM work, so it
 costs what the FUSE round trip through the daemon costs.  The floor for that is libfuse's
-own low-level loop in C doing nothing: :data:`C_SOURCE`, written to the rig's temp dir and
-built with gcc against libfuse3 at run time, serves one empty direct-I/O file, ``idle``,
+own low-level loop in C doing nothing: :data:`C_FLOOR` (with :func:`c_source`), written to the
+rig's temp dir and built with gcc against libfuse3 at run time, serves one empty direct-I/O
+file, ``idle``,
 whose read() answers 0 bytes and poll() POLLOUT (what the node answers when idle), from one
 thread (``fuse_session_loop``).  Both are timed with the same client loop
 (:func:`~cusetpm.testing.bench_paths.request_floor`), alternately, median of repetitions.
@@ -181,9 +182,6 @@ def c_source(file_name: str, body: str) -> str:
     return f'/* SPDX-License-Identifier: GPL-2.0-only */\n#define FILE_NAME "{file_name}"\n' + C_HEAD + body + C_MAIN
 
 
-C_SOURCE = c_source("idle", C_FLOOR)
-
-
 @dataclass
 class Floor:
     """µs per idle request on the C file system (median over repetitions), or why not measured."""
@@ -260,17 +258,18 @@ def missing_c() -> str | None:
 
 def start_c_floor(rig: Rig) -> str:
     """Build and mount the C file system; returns the path of its file."""
-    return start_c_file(rig, "c-floor", C_SOURCE, "idle", "cusetpm-floor")
+    return start_c_file(rig, "c-floor", "idle", C_FLOOR, "cusetpm-floor")
 
 
 def start_c_file(
-    rig: Rig, name: str, source: str, file: str, fsname: str, args: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()
+    rig: Rig, name: str, file: str, body: str, fsname: str, args: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()
 ) -> str:
-    """Build ``source`` with gcc and libfuse3, mount it (``MOUNTPOINT OPTIONS *args``; it
-    prints "ready" once mounted) and wait for its ``file``; returns that file's path."""
+    """Build the C file system serving ``file`` with ``body`` (:func:`c_source`) with gcc and
+    libfuse3, mount it (``MOUNTPOINT OPTIONS *args``; it prints "ready" once mounted) and wait
+    for its file; returns that file's path."""
     work = rig.dir(name)
     src, binary, mnt = work / f"{name}.c", work / name, work / "mnt"
-    src.write_text(source)
+    src.write_text(c_source(file, body))
     cc = subprocess.run(
         ["gcc", "-O2", "-Wall", "-o", str(binary), str(src), *fuse_flags()], capture_output=True, text=True
     )

@@ -3,7 +3,7 @@
 
 The limits (bench_limits) add five idle requests to the backend's own cost; they leave out what
 a command's requests cost beyond an idle one, and the client's own work.  The C relay measures
-that floor directly, with the same client as every path: :data:`RELAY_SOURCE`, built with gcc
+that floor directly, with the same client as every path: :data:`C_RELAY`, built with gcc
 against libfuse3 at run time, serves one direct-I/O file, ``tpm``, from one thread
 (``fuse_session_loop``).  A write() sends the command to a swtpm of its own over the socket it
 inherits and waits for the whole response, in the write itself; poll() answers POLLIN while a
@@ -19,7 +19,7 @@ import contextlib
 import socket
 import struct
 
-from .bench_floor import c_source, missing_c, start_c_file
+from .bench_floor import missing_c, start_c_file
 from .bench_paths import Route
 from .bench_rig import Rig
 from .relay import CountingRelay
@@ -155,8 +155,6 @@ static void file_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
 
 """
 
-RELAY_SOURCE = c_source("tpm", C_RELAY)
-
 
 def start_c_relay(rig: Rig, tpm: socket.socket) -> str:
     """Build and mount the C relay on the connected socket ``tpm`` (made blocking, with
@@ -168,7 +166,7 @@ def start_c_relay(rig: Rig, tpm: socket.socket) -> str:
     for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
         tpm.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", TIMEOUT, 0))
     fd = tpm.fileno()
-    return start_c_file(rig, "c-relay", RELAY_SOURCE, "tpm", "cusetpm-relay", args=(str(fd),), pass_fds=(fd,))
+    return start_c_file(rig, "c-relay", "tpm", C_RELAY, "cusetpm-relay", args=(str(fd),), pass_fds=(fd,))
 
 
 def c_relay_route() -> Route:
