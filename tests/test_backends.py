@@ -371,3 +371,71 @@ def test_an_abstract_unix_socket_nobody_listens_on_is_a_backend_error_that_names
             await SocketBackend("127.0.0.1", 0, unix="\0cusetpm-nobody-here").connect()
 
     trio.run(main)
+
+
+def test_send_now_answers_within_the_spin_or_leaves_the_answer_to_answer():
+    """The exchange the chip begins in the request loop: send_now() returns swtpm's answer if
+    it came within the spin, else None, and answer() awaits it; under the watch, an answer
+    that never comes is -ETIME and the next command gets a new connection."""
+    from cusetpm.backends.spin import SpinWait
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(5)
+    answer = bytes.fromhex("80010000000a00000000")
+
+    def tpm() -> None:
+        conn, _ = listener.accept()
+        for _ in range(2):
+            conn.recv(4096)
+            conn.sendall(answer)
+        conn.recv(4096)  # and says nothing
+        second, _ = listener.accept()
+        second.recv(4096)
+        second.sendall(answer[:4])  # a response in two pieces
+        second.sendall(answer[4:])
+        conn.close()
+        second.close()
+
+    async def main():
+        backend = SocketBackend("127.0.0.1", listener.getsockname()[1])
+        await backend.connect()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.watch)
+            nursery.start_soon(trio.to_thread.run_sync, tpm)
+            await trio.sleep(0.01)
+            assert backend.ready_now()
+            backend.spin_wait = SpinWait(5.0)
+            assert backend.send_now(get_random(), 2) == answer
+            backend.spin_wait = None
+            assert backend.send_now(get_random(), 2) is None
+            assert await backend.answer() == answer
+            assert backend.send_now(get_random(), 0.2) is None
+            with trio.fail_after(5):
+                assert await backend.answer() == -errno.ETIME
+            assert not backend.ready_now()  # the stream was dropped
+            await backend.connect()
+            assert backend.send_now(get_random(), 2) is None
+            assert await backend.answer() == answer
+            assert backend.commands_sent == 4
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    listener.close()
+
+
+def test_the_simulators_framing():
+    """mssim: ``u32 size, bytes, u32 0`` back; the response once all of it is in."""
+    from cusetpm.backends.mssim import LOCALITY, SEND_COMMAND, MssimBackend
+
+    backend = MssimBackend("localhost", 2321)
+    command = get_random()
+    assert (
+        backend._frame(command)
+        == SEND_COMMAND.to_bytes(4, "big") + bytes([LOCALITY]) + len(command).to_bytes(4, "big") + command
+    )
+    rsp = bytes.fromhex("80010000000a00000000")
+    framed = len(rsp).to_bytes(4, "big") + rsp + bytes(4)
+    assert [backend._take(framed[:n]) for n in (0, 3, 4, 13, 17)] == [None, None, None, None, None]
+    assert backend._take(framed) == rsp

@@ -54,16 +54,15 @@ class MssimBackend(SocketBackend):
         finally:
             platform.close()
 
-    async def _exchange(self, data: bytes) -> bytes:
-        sock = self._sock
-        assert sock is not None
-        await send_all(sock, struct.pack(">IBI", SEND_COMMAND, LOCALITY, len(data)) + data)
-        if self.spin_wait is not None:
-            self.spin_wait.ready(sock.fileno())
-        (size,) = struct.unpack(">I", await _recv_exact(sock, 4))
-        rsp = await _recv_exact(sock, size)
-        await _recv_exact(sock, 4)  # the simulator's acknowledgement
-        return rsp
+    def _frame(self, data: bytes) -> bytes:
+        return struct.pack(">IBI", SEND_COMMAND, LOCALITY, len(data)) + data
+
+    def _take(self, got: bytes) -> bytes | None:
+        """``u32 size, bytes, u32 0``: the bytes, once all of it (the acknowledgement too) is in."""
+        if len(got) < 4:
+            return None
+        (size,) = struct.unpack_from(">I", got)
+        return got[4 : 4 + size] if len(got) >= 8 + size else None
 
 
 def mssim_address(conf: str) -> tuple[str, int] | None:

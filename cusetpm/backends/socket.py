@@ -112,6 +112,9 @@ class SocketBackend:
         self._timed_out = False
         #: Polls for the answer briefly before sleeping for it (``serve --spin-us``; .spin).
         self.spin_wait: SpinWait | None = None
+        #: The exchange :meth:`send_now` began: what is still to send, what came so far.
+        self._out = b""
+        self._in = b""
 
     async def connect(self) -> None:
         if self.unix is not None:
@@ -151,62 +154,142 @@ class SocketBackend:
             trio.lowlevel.notify_closing(self._sock)
 
     async def transmit(self, data: bytes, timeout: float) -> bytes | int:
+        if self._watch_scope is not None and self._sock is not None:
+            now = self.send_now(data, timeout)
+            return now if now is not None else await self.answer()
         self.commands_sent += 1
         short = unframeable(data)
         if short is not None:
             return short
         try:
-            watch = self._watch_scope
-            if watch is not None and self._sock is not None:
-                rsp = await self._watched_exchange(data, timeout, watch)
-            else:
-                with trio.fail_after(timeout):
-                    if self._sock is None:
-                        await self.connect()
-                    rsp = await self._exchange(data)
-            if len(rsp) != be32(rsp, 2):
-                # More bytes than the header's size (or a size below the header's): whatever
-                # follows on the stream is not the next response.  Start a new connection.
-                self._drop()
-            return rsp
+            with trio.fail_after(timeout):
+                if self._sock is None:
+                    await self.connect()
+                rsp = await self._exchange(data)
+            return self._checked(rsp)
         except trio.TooSlowError:
             # The late answer would desynchronize the stream: start a new connection.
             self._drop()
             return -errno.ETIME
         except (OSError, BackendError, EOFError, trio.ClosedResourceError) as exc:
-            log.warning("TPM transport error: %s", exc)
-            self._drop()
-            return -errno.EPIPE
+            return self._lost(exc)
 
-    async def _watched_exchange(self, data: bytes, timeout: float, watch: trio.CancelScope) -> bytes:
-        """:meth:`_exchange` timed by :meth:`watch`: TooSlowError once its deadline passed, as
-        under ``fail_after`` (even if the answer came just as it did)."""
+    def ready_now(self) -> bool:
+        """May :meth:`send_now` be used?  Connected, and timed by :meth:`watch`."""
+        return self._watch_scope is not None and self._sock is not None
+
+    def send_now(self, data: bytes, timeout: float) -> bytes | int | None:
+        """:meth:`transmit` without awaiting (``ready_now``): send ``data``; the answer if it
+        came within the spin (or the errno), else None: then :meth:`answer` awaits it.
+
+        The chip runs a client's command from the request loop with this when nobody else
+        needs the TPM (issue 9): no task switch, no await, when swtpm answers in time.
+        """
+        self.commands_sent += 1
+        short = unframeable(data)
+        if short is not None:
+            return short
+        sock, watch = self._sock, self._watch_scope
+        assert sock is not None and watch is not None
         deadline = trio.current_time() + timeout
         self._deadline, self._timed_out = deadline, False
         if deadline < watch.deadline:  # else the watch wakes earlier, and sleeps on to this one
             watch.deadline = deadline
+        self._in = b""
+        framed = self._frame(data)
         try:
-            rsp = await self._exchange(data)
-        except (OSError, EOFError, trio.ClosedResourceError):
-            if not self._timed_out:  # woken by the watch: ClosedResourceError
-                raise
-        finally:
+            try:
+                sent = sock.send(framed)
+            except BlockingIOError:
+                sent = 0
+            self._out = framed[sent:]
+            if self._out or self.spin_wait is None or not self.spin_wait.ready(sock.fileno()):
+                return None
+            rsp = self._recv_now(sock)
+        except (OSError, EOFError) as exc:
             self._deadline = math.inf
-        if self._timed_out:
-            raise trio.TooSlowError
+            return self._lost(exc)
+        if rsp is None:
+            return None
+        self._deadline = math.inf
+        return self._checked(rsp)
+
+    def _recv_now(self, sock: socket.socket) -> bytes | None:
+        """Read what the socket has; the whole response once it is in, else None."""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                return None
+            if not chunk:
+                raise EOFError("TPM closed the connection")
+            self._in += chunk
+            rsp = self._take(self._in)
+            if rsp is not None:
+                self._in = b""
+                return rsp
+
+    async def answer(self) -> bytes | int:
+        """The answer to the command :meth:`send_now` sent, timed by :meth:`watch`:
+        ``-ETIME`` once its deadline passed (even if the answer came just as it did)."""
+        sock, rsp = self._sock, None
+        try:
+            try:
+                if sock is None:
+                    raise trio.ClosedResourceError
+                if self._out:
+                    await send_all(sock, self._out)
+                    self._out = b""
+                got = self._in
+                while (rsp := self._take(got)) is None:
+                    got += await recv_some(sock)
+                self._in = b""
+            except (OSError, EOFError, trio.ClosedResourceError):
+                if not self._timed_out:  # woken by the watch: ClosedResourceError
+                    raise
+            finally:
+                self._deadline = math.inf
+            if self._timed_out or rsp is None:
+                # The late answer would desynchronize the stream: start a new connection.
+                self._drop()
+                return -errno.ETIME
+            return self._checked(rsp)
+        except (OSError, EOFError, trio.ClosedResourceError) as exc:
+            return self._lost(exc)
+
+    def _checked(self, rsp: bytes) -> bytes:
+        if len(rsp) != be32(rsp, 2):
+            # More bytes than the header's size (or a size below the header's): whatever
+            # follows on the stream is not the next response.  Start a new connection.
+            self._drop()
         return rsp
+
+    def _lost(self, exc: BaseException) -> int:
+        log.warning("TPM transport error: %s", exc)
+        self._drop()
+        return -errno.EPIPE
 
     async def _exchange(self, data: bytes) -> bytes:
         sock = self._sock
         assert sock is not None
-        await send_all(sock, data)
+        await send_all(sock, self._frame(data))
         if self.spin_wait is not None:
             self.spin_wait.ready(sock.fileno())  # either way, recv_some then reads or waits
-        rsp = b""
+        got = b""
         while True:
-            rsp += await recv_some(sock)
-            if len(rsp) >= wire.TPM_HEADER_SIZE and len(rsp) >= be32(rsp, 2):
+            got += await recv_some(sock)
+            rsp = self._take(got)
+            if rsp is not None:
                 return rsp
+
+    def _frame(self, data: bytes) -> bytes:
+        """A command as the TPM's protocol carries it (raw, here)."""
+        return data
+
+    def _take(self, got: bytes) -> bytes | None:
+        """The response, once ``got`` (the bytes received so far) holds all of it: its
+        header, and as many bytes as the header says (more: the caller drops the stream)."""
+        return got if len(got) >= wire.TPM_HEADER_SIZE and len(got) >= be32(got, 2) else None
 
     async def probe(self, command: bytes) -> bytes:
         """One exchange outside the count and the deadlines (a start-up check)."""
