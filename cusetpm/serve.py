@@ -74,7 +74,7 @@ class Tenants:
     def pause_spin(self) -> Callable[[], bool] | None:
         """With ``cpu`` the managed swtpm shares the request loop's CPU: the loop stops spinning
         while the chip is busy (a command at the TPM), whose CPU time the spin would take."""
-        return self.chip.lock.locked if self.config.cpu is not None else None
+        return self.chip.busy if self.config.cpu is not None else None
 
     def _spin_wait(self) -> SpinWait | None:
         """The socket backend's spin for the TPM's answer (:mod:`.backends.spin`), one for the

@@ -462,3 +462,53 @@ def test_without_spinning_an_idle_loop_reads_once_per_request() -> None:
         assert reads == ["empty"] + ["request", "empty"] * 3
 
     trio.run(main)
+
+
+class AfterReplyFile(FastFile):
+    """A fast file that notes when ``after_reply`` runs: whether the write's reply was out."""
+
+    def __init__(self, kernel: socket.socket) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.seen: list[bytes] = []
+
+    def after_reply(self) -> None:
+        self.kernel.setblocking(False)
+        try:
+            self.seen.append(self.kernel.recv(1 << 16))  # the reply is already there
+        except BlockingIOError:
+            self.seen.append(b"")
+
+
+def test_a_fast_write_is_answered_before_the_file_runs_its_command() -> None:
+    """The loop answers an O_NONBLOCK write the file took, then calls ``after_reply`` (where
+    a DeviceFile runs the command while nobody else needs the TPM): the client's write()
+    returns first, as the kernel's does before its async work runs."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        with ours, theirs:
+            files: list[AfterReplyFile] = []
+
+            def make() -> FileOps:
+                files.append(AfterReplyFile(theirs))
+                return files[-1]
+
+            server = Server(ours.fileno(), make)
+            sock = trio.socket.from_stdlib_socket(theirs)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.request_loop, nursery)
+                fh = await open_file(sock)
+                await sock.send(p.build_request(p.Opcode.WRITE, 4, write_in(fh, b"abcdef", os.O_RDWR | os.O_NONBLOCK)))
+                with trio.fail_after(5):
+                    while not files[0].seen:
+                        await trio.sleep(0.001)
+                nursery.cancel_scope.cancel()
+        (reply,) = files[0].seen
+        assert p.OUT_HEADER.unpack_from(reply) == (24, 0, 4) and p.WRITE_OUT.unpack_from(reply, p.OUT_HEADER.size) == (
+            6,
+            0,
+        )
+
+    trio.run(main)

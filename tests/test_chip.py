@@ -85,7 +85,7 @@ def test_wait_gives_the_chip_up_until_signalled(tmp_path):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(waiter)
             await trio.sleep(0.2)
-            assert gate.log == ["wait"] and not chip.lock.locked()  # the chip is free meanwhile
+            assert gate.log == ["wait"] and not chip.busy()  # the chip is free meanwhile
             assert rc(await cmd(g, create_primary())) == 0  # runs while f waits, and signals
         assert gate.log == ["wait", "signal", "woken=True"]
         assert rc(results[0]) == 0 and len(results[0]) == 20
@@ -212,3 +212,52 @@ def test_the_chip_is_alone_while_one_file_has_it_to_itself(tmp_path):
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_command_begun_inline_ends_in_the_worker_when_it_must_wait(tmp_path):
+    """start_inline(), the request loop's start of a command while nobody else needs the TPM:
+    it sends without awaiting; if the answer is not there within the spin (here: no spin) or
+    the core asks to sleep, the rest holds the chip until it runs, and gives the same result.
+    It is offered only while the chip is free and no command is queued or running, in the
+    worker or (``concurrent_work``) in a task of its own."""
+    from cusetpm.backends import SocketBackend
+    from cusetpm.backends.spin import SpinWait
+    from cusetpm.kernel.tpm_dev_common import tpm_dev_transmit
+
+    async def body(chip: TpmChip) -> None:
+        backend = chip.backend
+        assert isinstance(backend, SocketBackend)
+        await trio.sleep(0.01)  # the backend's watch starts
+        for seam, spin in ((None, None), (None, SpinWait(5.0)), (Slow(), SpinWait(5.0))):
+            backend.spin_wait = spin
+            node = Node(chip, PROFILES["6.12"], seam=seam)
+            f = node.open()
+            f.state.accept_write(get_random(8), True)
+            assert chip.may_start_inline()
+            sent = backend.commands_sent
+            out = chip.start_inline(tpm_dev_transmit(node.core, f.state.space, f.state.buf), node.core, f)
+            if spin is not None and seam is None:  # swtpm answers within 5 s: all done here
+                assert out == 20 and not chip.busy() and backend.commands_sent == sent + 1
+            else:
+                assert callable(out) and chip.busy() and not chip.may_start_inline()
+                assert backend.commands_sent == sent + (seam is None)  # Sleep first: nothing sent yet
+                assert await out() == 20 and not chip.busy() and backend.commands_sent == sent + 1
+            assert rc(bytes(f.state.buf[:20])) == 0
+            await f.release()
+        go = trio.Event()
+        chip.queue_work(go.wait)  # the worker is busy
+        await trio.sleep(0.01)
+        assert not chip.may_start_inline()
+        go.set()
+        await trio.sleep(0.01)
+        assert chip.may_start_inline()
+        chip.concurrent_work = True  # a seam that may wait: every command its own task
+        go = trio.Event()
+        chip.queue_work(go.wait)
+        await trio.sleep(0.01)
+        assert not chip.may_start_inline()  # that task runs
+        go.set()
+        await trio.sleep(0.01)
+        assert chip.may_start_inline()
+
+    run_with_chip(tmp_path, body)

@@ -252,18 +252,17 @@ def test_with_cpu_the_request_loop_pauses_its_spin_while_the_chip_is_busy(tmp_pa
     """--cpu puts the managed swtpm on the loop's own CPU, so the loop must not spin while a
     command is at the TPM: pause_spin is the chip lock's state then, and nothing without it.
     A reload cannot move the daemon to another CPU."""
-    from types import SimpleNamespace
-
     import trio
 
+    from cusetpm.daemon import TpmChip
     from cusetpm.serve import Tenants as Served
     from cusetpm.tenants.config import ConfigError, load
 
     cpu = max(os.sched_getaffinity(0))
     config = tmp_path / "tenants.toml"
     config.write_text(f'[front]\ncpu = {cpu}\n\n[[node]]\nname = "a"\n')
-    chip = SimpleNamespace(lock=trio.Lock())
-    pinned = Served(chip, load(config), "fuse")  # type: ignore[arg-type]
+    chip = TpmChip(object())  # type: ignore[arg-type]  # never used: no command is sent
+    pinned = Served(chip, load(config), "fuse")
     assert pinned.config.cpu == cpu and pinned.pause_spin is not None
 
     async def main() -> None:
@@ -274,7 +273,7 @@ def test_with_cpu_the_request_loop_pauses_its_spin_while_the_chip_is_busy(tmp_pa
 
     trio.run(main)
     config.write_text('[[node]]\nname = "a"\n')
-    assert Served(chip, load(config), "fuse").pause_spin is None  # type: ignore[arg-type]
+    assert Served(chip, load(config), "fuse").pause_spin is None
     with pytest.raises(ConfigError, match="cpu cannot change on reload"):
         pinned.check(load(config))
 

@@ -3,6 +3,7 @@
 (:mod:`.node`).  It imports the kernel port and the backend interface, never a front end."""
 
 from .chip import TpmChip
-from .node import DeviceFile, Node, Opener
+from .file import DeviceFile, Opener
+from .node import Node
 
 __all__ = ["DeviceFile", "Node", "Opener", "TpmChip"]

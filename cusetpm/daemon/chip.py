@@ -16,14 +16,14 @@ import errno
 import logging
 import math
 from types import TracebackType
-from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar, assert_never
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, TypeVar, assert_never
 
 import trio
 
 from ..backends.base import Backend
 from ..kernel import wire
 from ..kernel.profiles import PROFILES, KernelProfile
-from ..kernel.request import Io, Reply, Send, Sleep, Wait
+from ..kernel.request import Io, Reply, Request, Send, Sleep, Wait
 from ..kernel.structs import Chip, Space
 from ..kernel.tpm2_cmd import auto_startup
 from ..kernel.tpm_dev_common import release_space
@@ -34,10 +34,22 @@ from .recovery import TpmIdentity, flush_leftovers, read_identity
 DEFAULT_CORE_PROFILE = PROFILES["6.12"]
 
 if TYPE_CHECKING:
-    from .node import DeviceFile
+    from .file import DeviceFile
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: What the worker runs: a file's O_NONBLOCK command, or the rest of one begun inline.
+Work = Callable[[], Awaitable[None]]
+
+
+class InlineBackend(Protocol):
+    """A backend that can send without awaiting (:class:`~cusetpm.backends.socket.SocketBackend`)."""
+
+    def ready_now(self) -> bool: ...
+
+    def send_now(self, data: bytes, timeout: float) -> bytes | int | None: ...
+
+    async def answer(self) -> bytes | int: ...
 
 
 def _unusable(rsp: bytes) -> bool:
@@ -50,8 +62,10 @@ class TpmChip:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        #: tpm_mutex: one user command (with all of its context traffic) at a time.
-        self.lock = trio.Lock()
+        #: tpm_mutex: one user command (with all of its context traffic) at a time.  A
+        #: semaphore, not a trio.Lock (both are fair), because a command begun in the request
+        #: loop may end in the worker (:meth:`start_inline`).
+        self.lock = trio.Semaphore(1)
         #: Every open file of every node (the timer walks them).
         self.files: set[DeviceFile] = set()
         #: False once the chip is "unregistered": writes then fail like ops == NULL.
@@ -63,7 +77,10 @@ class TpmChip:
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
         #: None asks the worker to stop (at shutdown, once what came before it has run).
-        self._work_send, self._work_recv = trio.open_memory_channel["DeviceFile | None"](math.inf)
+        self._work_send, self._work_recv = trio.open_memory_channel["Work | None"](math.inf)
+        #: Work queued and not yet finished (the memory channel hands an item to a waiting
+        #: worker at once, so its buffer does not say whether the worker is busy).
+        self._work_pending = 0
         #: The worker's task: it runs shielded as a whole, so its commands need no scope each.
         self._worker_task: trio.lowlevel.Task | None = None
         #: Which TPM the open files' spaces belong to: a file opened in another epoch gets
@@ -85,6 +102,10 @@ class TpmChip:
         #: (:meth:`alone`).
         self._last_file: DeviceFile | None = None
         self._same_file = False
+        #: The backend, if it can send without awaiting (:meth:`start_inline`).
+        self._inline_backend: InlineBackend | None = (
+            backend if callable(getattr(backend, "send_now", None)) else None  # type: ignore[assignment]
+        )
 
     def core(self, profile: KernelProfile) -> Chip:
         """A core chip as one kernel profile sees this TPM (a node has one); it gets the
@@ -93,33 +114,109 @@ class TpmChip:
         self._cores.append(core)
         return core
 
-    async def run(self, gen: Io[T], core: Chip) -> T:
-        """Drive a core generator against the backend.  The caller holds ``self.lock``."""
-        transmit = self.backend.transmit
-        reply: Reply = None
+    async def run(self, gen: Io[T], core: Chip, reply: Reply = None) -> T:
+        """Drive a core generator against the backend (``reply``: the answer to what it
+        asked last, for one begun by :meth:`start_inline`).  The caller holds ``self.lock``."""
         try:
             while True:
                 try:
                     req = gen.send(reply)
                 except StopIteration as stop:
                     return stop.value  # type: ignore[no-any-return]
-                match req:
-                    case Send():
-                        reply = await transmit(req.data, req.timeout)
-                        if isinstance(reply, int) or _unusable(reply):
-                            # No answer, or one the kernel will refuse: what the TPM did
-                            # meanwhile is unknown (see _flush_after_fault).
-                            self._transport_lost |= reply == -errno.EPIPE
-                            self._fault = True
-                    case Sleep():
-                        await trio.sleep(req.seconds)
-                        reply = None
-                    case Wait():
-                        reply = await self._wait(req, core)
-                    case _:
-                        assert_never(req)
+                reply = await self._perform(req, core)
         finally:
             self._wake(core)
+
+    async def _perform(self, req: Request, core: Chip) -> Reply:
+        """One request of the core's, done."""
+        match req:
+            case Send():
+                return self._received(await self.backend.transmit(req.data, req.timeout))
+            case Sleep():
+                await trio.sleep(req.seconds)
+                return None
+            case Wait():
+                return await self._wait(req, core)
+            case _:
+                assert_never(req)
+
+    def _received(self, reply: bytes | int) -> bytes | int:
+        if isinstance(reply, int) or _unusable(reply):
+            # No answer, or one the kernel will refuse: what the TPM did meanwhile is
+            # unknown (see _flush_after_fault).
+            self._transport_lost |= reply == -errno.EPIPE
+            self._fault = True
+        return reply
+
+    def busy(self) -> bool:
+        """A command (or close) holds the chip."""
+        return self.lock.value == 0
+
+    def may_start_inline(self) -> bool:
+        """May a file's O_NONBLOCK command start in the request loop (:meth:`start_inline`)?
+        Only when nothing else wants the TPM: the chip is free, and no work is queued or
+        running (with ``concurrent_work``, no command's task is); and only on a backend that
+        can send without awaiting."""
+        return (
+            self._work_pending == 0
+            and self.lock.value == 1
+            and self.available
+            and not self._recovering
+            and self._inline_backend is not None
+            and self._inline_backend.ready_now()
+        )
+
+    def start_inline(self, gen: Io[int], core: Chip, f: DeviceFile) -> int | Callable[[], Awaitable[int]]:
+        """:meth:`file_command` begun without awaiting, from the request loop, when
+        :meth:`may_start_inline` says yes (issue 9: no task switch, no await, when swtpm
+        answers within the spin).  Runs the core until it must wait: its result if it never
+        had to, else the rest as a coroutine function, which holds the chip meanwhile, for
+        the worker to finish (:meth:`queue_work`).  The TPM sees the same commands either way.
+        """
+        backend = self._inline_backend
+        assert backend is not None
+        self._same_file, self._last_file = f is self._last_file, f
+        self.lock.acquire_nowait()
+        reply: Reply = None
+        try:
+            while True:
+                try:
+                    req = gen.send(reply)
+                except StopIteration as stop:
+                    result: int = stop.value
+                    break
+                if not isinstance(req, Send):
+                    waits = req
+                    return lambda: self._rest(gen, core, self._perform(waits, core))
+                now = backend.send_now(req.data, req.timeout)
+                if now is None:
+                    return lambda: self._rest(gen, core, self._answer(backend))
+                reply = self._received(now)
+        except BaseException:
+            self._wake(core)
+            self.lock.release()
+            raise
+        self._wake(core)
+        if self._fault or self._transport_lost:
+            return lambda: self._rest_after(result)
+        self.lock.release()
+        return result
+
+    async def _rest(self, gen: Io[int], core: Chip, pending: Awaitable[Reply]) -> int:
+        """The rest of a command :meth:`start_inline` began, holding the chip it took."""
+        async with _Held(self, acquired=True):
+            result = await self.run(gen, core, await pending)
+            await self._flush_after_fault()
+        return result
+
+    async def _answer(self, backend: InlineBackend) -> Reply:
+        return self._received(await backend.answer())
+
+    async def _rest_after(self, result: int) -> int:
+        """What follows a command :meth:`start_inline` ran whose answer was lost or unusable."""
+        async with _Held(self, acquired=True):
+            await self._flush_after_fault()
+        return result
 
     async def _wait(self, req: Wait, core: Chip) -> bool:
         """Let go of the chip until ``req.event`` is signalled or time runs out, then take
@@ -269,28 +366,39 @@ class TpmChip:
         row, and no other command waits (none queued for the worker, none for the lock)."""
         return (
             self._same_file
-            and self._work_send.statistics().current_buffer_used == 0
+            and self._work_pending <= 1  # the worker's own command, if it runs one
             and not self.lock.statistics().tasks_waiting
         )
 
-    def queue_work(self, f: DeviceFile) -> None:
-        """Queue an O_NONBLOCK command (queue_work(tpm_dev_wq, ...)).  One worker task runs
-        them in order; they would wait for the chip lock one after another anyway.  With
-        ``concurrent_work`` each gets a task, in order, and they queue on the (fair) chip lock."""
+    def queue_work(self, work: Work) -> None:
+        """Queue an O_NONBLOCK command (queue_work(tpm_dev_wq, ...)), or the rest of one
+        begun inline.  One worker task runs them in order; they would wait for the chip lock
+        one after another anyway.  With ``concurrent_work`` each gets a task, in order, and
+        they queue on the (fair) chip lock."""
+        self._work_pending += 1
         if self.concurrent_work and self._nursery is not None:
-            self._nursery.start_soon(f.async_work)
+            self._nursery.start_soon(self._counted, work)
             return
-        self._work_send.send_nowait(f)
+        self._work_send.send_nowait(work)
+
+    async def _counted(self, work: Work) -> None:
+        try:
+            await work()
+        finally:
+            self._work_pending -= 1
 
     async def _worker(self) -> None:
         """Run the queued O_NONBLOCK commands in order.  Shielded as a whole: a command once
         queued runs to its end, shutdown included (then :meth:`serve` sends None)."""
         self._worker_task = trio.lowlevel.current_task()
         with trio.CancelScope(shield=True):
-            async for f in self._work_recv:
-                if f is None:
+            async for work in self._work_recv:
+                if work is None:
                     return
-                await f.async_work()
+                try:
+                    await work()
+                finally:
+                    self._work_pending -= 1
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the tasks the files need (async commands, the unread-response timer).
@@ -321,11 +429,14 @@ class TpmChip:
         the file lock for them, and close waits for them, as the kernel's does."""
         while True:
             try:
-                f = self._work_recv.receive_nowait()
+                work = self._work_recv.receive_nowait()
             except trio.WouldBlock:
                 return
-            if f is not None:
-                await f.async_work()
+            if work is not None:
+                try:
+                    await work()
+                finally:
+                    self._work_pending -= 1
 
     async def close_all(self) -> None:
         """Release every open file, as the kernel would on close (used at shutdown)."""
@@ -364,17 +475,21 @@ class _Held:
     about 12 µs, on every command's path (issue 9).  The worker's commands need no scope of
     their own, as the worker runs shielded; the uncontended lock costs no checkpoint."""
 
-    __slots__ = ("chip", "scope")
+    __slots__ = ("chip", "scope", "acquired")
 
-    def __init__(self, chip: TpmChip) -> None:
+    def __init__(self, chip: TpmChip, acquired: bool = False) -> None:
         self.chip = chip
         self.scope: trio.CancelScope | None = None
+        #: The lock is already held (a command begun inline): only let it go on the way out.
+        self.acquired = acquired
 
     async def __aenter__(self) -> None:
         chip = self.chip
         if trio.lowlevel.current_task() is not chip._worker_task:
             self.scope = trio.CancelScope(shield=True)
             self.scope.__enter__()
+        if self.acquired:
+            return
         try:
             chip.lock.acquire_nowait()
         except trio.WouldBlock:

@@ -16,7 +16,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .node import DeviceFile
+    from .file import DeviceFile
 
 #: How long a replayed poll() that would wait (the client asked to be woken) waits.
 POLL_WAIT_MS = 1000

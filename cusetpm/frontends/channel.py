@@ -6,7 +6,8 @@ system's own requests); here is only I/O and concurrency:
 
 * **the fast path**: what needs no waiting is answered in the loop itself, with no task and
   no lock round: an open, a poll or a read of a file whose lock is free, an O_NONBLOCK write
-  that only queues its command, and every request that needs no device.  A task costs about
+  (answered first; then its command runs right here while nobody else needs the TPM, and
+  usually ends here too), and every request that needs no device.  A task costs about
   12 µs a request on this path (measured: 21 against 9 µs an idle read, client and daemon on
   one CPU);
 * **spinning**: after the last request the loop polls for the next one for ``spin`` seconds
@@ -40,7 +41,7 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from ..daemon.node import Opener
+from ..daemon.file import Opener
 from . import cuse_proto as proto
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,11 @@ DEFAULT_SPIN = 100e-6
 class FileOps(Protocol):
     """One open() of the device.  Errors are raised as ``OSError(errno, ...)``.
 
-    A file may also answer without waiting (:class:`~cusetpm.daemon.node.DeviceFile` does):
+    A file may also answer without waiting (:class:`~cusetpm.daemon.file.DeviceFile` does):
     ``try_write(data, nonblock)``, ``try_read(size)`` and ``try_poll(wake)`` return None,
-    having done nothing, when the call would wait; the loop then runs the async method.  And
+    having done nothing, when the call would wait; the loop then runs the async method.  Once
+    a ``try_write`` is answered, the loop calls the file's ``after_reply()`` (if it has one),
+    where the file may run the command it took.  And
     ``poll_after_work(wake, reply)`` / ``read_after_work(size, reply)`` may take a call that
     waits only for the file's O_NONBLOCK command, and ``write_after_work(data, reply)`` a
     blocking write whose command the file's worker can run, and answer it through ``reply``
@@ -284,8 +287,9 @@ class Channel:
         nursery.start_soon(self.answer, req, scope)
 
     def fast(self, req: proto.Read | proto.Write | proto.Poll) -> bytes | None:
-        """The reply if the file can answer without waiting; b"" if the file will answer
-        when its O_NONBLOCK command ends (a poll or read waiting only for it); else None."""
+        """The reply if the file can answer without waiting; b"" if it is answered already
+        (a write) or the file will answer when its O_NONBLOCK command ends (a poll or read
+        waiting only for it); else None."""
         if isinstance(req, proto.Read):
             return self.fast_read(req.unique, req.fh, req.size)
         if isinstance(req, proto.Write):
@@ -313,7 +317,12 @@ class Channel:
         try_write = getattr(f, "try_write", None)
         n = try_write(data, nonblock) if try_write is not None else None
         if n is not None:
-            return proto.reply_write(unique, n)
+            # Answered here, so that the file's command may run after the reply is out.
+            self.send(proto.reply_write(unique, n))
+            after_reply = getattr(f, "after_reply", None)
+            if after_reply is not None:
+                after_reply()
+            return b""
         write_after_work = getattr(f, "write_after_work", None) if not nonblock else None
         later = self.reply_later(unique, proto.reply_write)
         return b"" if write_after_work is not None and write_after_work(data, later) else None

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import trio
 
-from ..daemon.node import Opener
+from ..daemon.file import Opener
 from . import cuse_proto as proto
 from .channel import DEFAULT_SPIN, Channel, ChannelWatch, DeviceOps, FileOps
 

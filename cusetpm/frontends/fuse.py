@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import trio
 
-from ..daemon.node import Node, Opener
+from ..daemon.file import Opener
+from ..daemon.node import Node
 from . import cuse_proto as proto
 from . import fuse_proto as fsp
 from .channel import DEFAULT_SPIN, Channel, ChannelWatch

@@ -23,7 +23,8 @@ from typing import Any, Callable, Coroutine, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from ..daemon.node import DeviceFile, Node, Opener
+from ..daemon.file import DeviceFile, Opener
+from ..daemon.node import Node
 from .fuse import Directory, unmount_dead
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from typing import cast
 
 import trio
 
-from ..daemon.node import Node, Opener
+from ..daemon.file import Opener
+from ..daemon.node import Node
 from ..frontends import cuse_proto as p
 from ..frontends import fuse_proto as fsp
 from ..frontends.channel import Channel
