@@ -439,3 +439,36 @@ def test_the_simulators_framing():
     framed = len(rsp).to_bytes(4, "big") + rsp + bytes(4)
     assert [backend._take(framed[:n]) for n in (0, 3, 4, 13, 17)] == [None, None, None, None, None]
     assert backend._take(framed) == rsp
+
+
+def test_a_device_is_written_without_awaiting_and_answered_when_readable():
+    """DeviceBackend.send_now writes the command and returns None (a read at once would sleep
+    on the kernel's file mutex while its async work runs the command); answer() waits for
+    the file to be readable; no answer in time is -ETIME and the file is closed; a device
+    gone (EPIPE) is -EPIPE."""
+    from cusetpm.backends.device import DeviceBackend
+
+    async def main():
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        backend = DeviceBackend("/dev/tpm-test")
+        assert not backend.ready_now()
+        backend._fd = ours.detach()
+        assert backend.ready_now()
+        command = get_random()
+        assert backend.send_now(command, 2) is None
+        assert theirs.recv(4096) == command
+        theirs.send(bytes.fromhex("80010000000a00000000"))
+        assert await backend.answer() == bytes.fromhex("80010000000a00000000")
+        assert backend.send_now(command, 0.1) is None
+        with trio.fail_after(5):
+            assert await backend.answer() == -errno.ETIME
+        assert not backend.ready_now()  # the late answer must not be the next command's
+        mine, gone = socket.socketpair()
+        gone.close()
+        backend._fd = mine.detach()
+        assert backend.send_now(command, 2) == -errno.EPIPE and not backend.ready_now()
+        assert backend.commands_sent == 3
+        theirs.close()
+
+    trio.run(main)

@@ -4,7 +4,9 @@
 The kernel's /dev/tpm0 (tpm-dev.c) runs a command written to a file opened O_NONBLOCK in its
 work queue and makes the file readable when the response is there, so one write, a wait for
 readability and one read are the whole exchange: no worker thread, unlike tpm2-tss's device
-TCTI behind :class:`~.tcti.TctiBackend` (which costs about 0.3 ms a command more).
+TCTI behind :class:`~.tcti.TctiBackend` (which costs about 0.3 ms a command more).  The
+write needs no await, so the chip may begin a command from the request loop with it
+(:meth:`DeviceBackend.send_now`, TpmChip.start_inline); the rest waits in the worker.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class DeviceBackend:
         self.path = path
         self.commands_sent = 0
         self._fd: int | None = None
+        #: The deadline of the exchange :meth:`send_now` began, from its start.
+        self._timeout = 0.0
 
     def open(self) -> None:
         try:
@@ -40,18 +44,41 @@ class DeviceBackend:
             raise BackendError(f"cannot open TPM device {self.path}: {exc.strerror}") from None
 
     async def transmit(self, data: bytes, timeout: float) -> bytes | int:
-        self.commands_sent += 1
         if self._fd is None:
             try:
                 self.open()
             except BackendError as exc:
+                self.commands_sent += 1
                 log.warning("%s", exc)
                 return -errno.EPIPE
+        sent = self.send_now(data, timeout)
+        return sent if sent is not None else await self.answer()
+
+    def ready_now(self) -> bool:
+        """May :meth:`send_now` be used?  The device is open."""
+        return self._fd is not None
+
+    def send_now(self, data: bytes, timeout: float) -> int | None:
+        """Write the command without awaiting (``ready_now``): None, and :meth:`answer`
+        awaits the response; or the errno the write failed with.  Never reads at once: a
+        read() while the kernel's async work runs the command sleeps on the file's mutex."""
+        self.commands_sent += 1
         fd = self._fd
         assert fd is not None
+        self._timeout = timeout
         try:
             os.write(fd, data)
-            with trio.fail_after(timeout):
+        except OSError as exc:
+            return self._failed(exc)
+        return None
+
+    async def answer(self) -> bytes | int:
+        """The response to what :meth:`send_now` wrote, once the file is readable."""
+        fd = self._fd
+        if fd is None:
+            return -errno.EPIPE
+        try:
+            with trio.fail_after(self._timeout):
                 while True:
                     await trio.lowlevel.wait_readable(fd)
                     try:
@@ -62,11 +89,14 @@ class DeviceBackend:
             self._close()  # the late answer must not be read as the next command's
             return -errno.ETIME
         except OSError as exc:
-            log.warning("TPM device %s: %s", self.path, exc.strerror)
-            if exc.errno in _GONE:
-                self._close()
-                return -errno.EPIPE
-            return -(exc.errno or errno.EIO)
+            return self._failed(exc)
+
+    def _failed(self, exc: OSError) -> int:
+        log.warning("TPM device %s: %s", self.path, exc.strerror)
+        if exc.errno in _GONE:
+            self._close()
+            return -errno.EPIPE
+        return -(exc.errno or errno.EIO)
 
     def _close(self) -> None:
         if self._fd is not None:
