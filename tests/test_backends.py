@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import socket
 import subprocess
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -86,6 +88,20 @@ def test_timeout_is_etime_and_the_stream_recovers():
     listener.close()
 
 
+@asynccontextmanager
+async def watched(listener: socket.socket, tpm: Callable[[], None]) -> AsyncIterator[SocketBackend]:
+    """A socket backend connected to ``listener``, timed by its watch, with ``tpm`` (what
+    answers on the listener's side) running in a thread."""
+    backend = SocketBackend("127.0.0.1", listener.getsockname()[1])
+    await backend.connect()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.watch)
+        nursery.start_soon(trio.to_thread.run_sync, tpm)
+        await trio.sleep(0.01)
+        yield backend
+        nursery.cancel_scope.cancel()
+
+
 def test_under_its_watch_a_late_answer_is_etime_and_the_next_connection_answers():
     """With ``watch()`` running (as the chip runs it), an exchange times out without a cancel
     scope of its own: -ETIME after its timeout, and the next command gets a new connection."""
@@ -104,19 +120,13 @@ def test_under_its_watch_a_late_answer_is_etime_and_the_next_connection_answers(
         silent.close()
 
     async def main():
-        backend = SocketBackend("127.0.0.1", listener.getsockname()[1])
-        await backend.connect()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(backend.watch)
-            nursery.start_soon(trio.to_thread.run_sync, second_connection_answers)
-            await trio.sleep(0.01)
+        async with watched(listener, second_connection_answers) as backend:
             start = trio.current_time()
             with trio.fail_after(5):
                 assert await backend.transmit(get_random(), 0.2) == -errno.ETIME  # nobody answers
             assert 0.2 <= trio.current_time() - start < 2
             await backend.connect()
             assert await backend.transmit(get_random(), 2) == answer
-            nursery.cancel_scope.cancel()
 
     trio.run(main)
     listener.close()
@@ -399,12 +409,7 @@ def test_send_now_answers_within_the_spin_or_leaves_the_answer_to_answer():
         second.close()
 
     async def main():
-        backend = SocketBackend("127.0.0.1", listener.getsockname()[1])
-        await backend.connect()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(backend.watch)
-            nursery.start_soon(trio.to_thread.run_sync, tpm)
-            await trio.sleep(0.01)
+        async with watched(listener, tpm) as backend:
             assert backend.ready_now()
             backend.spin_wait = SpinWait(5.0)
             assert backend.send_now(get_random(), 2) == answer
@@ -419,7 +424,6 @@ def test_send_now_answers_within_the_spin_or_leaves_the_answer_to_answer():
             assert backend.send_now(get_random(), 2) is None
             assert await backend.answer() == answer
             assert backend.commands_sent == 4
-            nursery.cancel_scope.cancel()
 
     trio.run(main)
     listener.close()
