@@ -43,7 +43,8 @@ Work = Callable[[], Awaitable[None]]
 
 
 class InlineBackend(Protocol):
-    """A backend that can send without awaiting (:class:`~cusetpm.backends.socket.SocketBackend`)."""
+    """A backend that can send without awaiting: the socket ones (swtpm, the simulator) and
+    ``device:``; a tpm2-tss TCTI cannot (it runs in a thread)."""
 
     def ready_now(self) -> bool: ...
 
