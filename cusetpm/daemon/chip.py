@@ -383,6 +383,7 @@ class TpmChip:
         self._work_send.send_nowait(work)
 
     async def _counted(self, work: Work) -> None:
+        """Run queued work, and count it done however it ends (:meth:`may_start_inline`)."""
         try:
             await work()
         finally:
@@ -396,10 +397,7 @@ class TpmChip:
             async for work in self._work_recv:
                 if work is None:
                     return
-                try:
-                    await work()
-                finally:
-                    self._work_pending -= 1
+                await self._counted(work)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the tasks the files need (async commands, the unread-response timer).
@@ -434,10 +432,7 @@ class TpmChip:
             except trio.WouldBlock:
                 return
             if work is not None:
-                try:
-                    await work()
-                finally:
-                    self._work_pending -= 1
+                await self._counted(work)
 
     async def close_all(self) -> None:
         """Release every open file, as the kernel would on close (used at shutdown)."""

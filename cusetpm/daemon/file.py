@@ -99,7 +99,7 @@ class DeviceFile:
     async def _run(self, command: bytes) -> int:
         """The command through the core to the TPM; then what watches commands is told."""
         node = self.node
-        if node.metrics is None and node.tenant is None and not node.audited:
+        if not node.observed:
             return await self._transmit()
         start, wall, sent = trio.current_time(), time.time(), self.chip.backend.commands_sent
         result = await self._transmit()
@@ -177,10 +177,7 @@ class DeviceFile:
         the worker.  False, having done nothing, when it cannot start here.  ``blocking``: a
         blocking write's bytes and reply (:meth:`write_after_work`), else an O_NONBLOCK one."""
         node, chip = self.node, self.chip
-        if (
-            node.bucket is not None or node.metrics is not None or node.tenant is not None or node.audited
-            or not chip.usable_by(self) or not chip.may_start_inline()
-        ):  # fmt: skip
+        if node.bucket is not None or node.observed or not chip.usable_by(self) or not chip.may_start_inline():
             return False
         try:
             out = chip.start_inline(tpm_dev_transmit(node.core, self.state.space, self.state.buf), node.core, self)

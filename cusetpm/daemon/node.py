@@ -108,6 +108,12 @@ class Node:
     def audited(self) -> bool:
         return self.audit is not None or self.pcap is not None
 
+    @property
+    def observed(self) -> bool:
+        """Something watches each command (metrics, a tenant's seam, the audit trail): it is
+        timed and counted around, and told when it ends (:meth:`command_done`)."""
+        return self.metrics is not None or self.tenant is not None or self.audited
+
     async def throttle(self) -> None:
         """``commands_per_second``: wait for this command's turn (shielded, like the TPM
         taking its time: the command is already the file's)."""
