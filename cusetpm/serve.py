@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .backends.device import DeviceBackend
 from .backends.socket import SocketBackend
 from .daemon.chip import TpmChip
 from .daemon.node import Node
@@ -77,11 +78,11 @@ class Tenants:
         return self.chip.busy if self.config.cpu is not None else None
 
     def _spin_wait(self) -> SpinWait | None:
-        """The socket backend's spin for the TPM's answer (:mod:`.backends.spin`), one for the
-        daemon, which every channel of ours stops; ``spin_us`` long.  None for any other
-        backend, and with ``spin_us`` 0."""
+        """The backend's spin for the TPM's answer (:mod:`.backends.spin`), one for the
+        daemon, which every channel of ours stops; ``spin_us`` long.  A socket or device
+        backend has one; None for a TCTI, and with ``spin_us`` 0."""
         backend = getattr(self.chip, "backend", None)
-        if not isinstance(backend, SocketBackend) or self.config.spin_us <= 0:
+        if not isinstance(backend, (SocketBackend, DeviceBackend)) or self.config.spin_us <= 0:
             return None
         if backend.spin_wait is None:
             from .backends.spin import SpinWait

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -306,8 +308,6 @@ def test_a_misbehaving_backend_gets_the_kernels_errno_and_spares_other_files(dae
 def test_device_backend_on_a_character_device_file(daemon, tmp_path):
     """``--tcti device:PATH`` takes the native path (no TCTI thread): here a cusetpm served on
     another cusetpm's node, which behaves like /dev/tpmrm0 (write, poll, read)."""
-    import os
-
     from conftest import tpm2
     from cusetpm.backends import DeviceBackend, open_backend
 
@@ -446,33 +446,190 @@ def test_the_simulators_framing():
 
 
 def test_a_device_is_written_without_awaiting_and_answered_when_readable():
-    """DeviceBackend.send_now writes the command and returns None (a read at once would sleep
-    on the kernel's file mutex while its async work runs the command); answer() waits for
-    the file to be readable; no answer in time is -ETIME and the file is closed; a device
-    gone (EPIPE) is -EPIPE."""
+    """DeviceBackend.send_now writes the command O_NONBLOCK and returns None (a read at once
+    would sleep on the kernel's file mutex while its async work runs the command); answer()
+    waits for the file's own epoll to say it is readable, and an answer within the spin
+    comes back from send_now itself; no answer in time is -ETIME and the file is closed; a
+    device gone (EPIPE) is -EPIPE."""
     from cusetpm.backends.device import DeviceBackend
+    from cusetpm.backends.spin import SpinWait
+
+    answer = bytes.fromhex("80010000000a00000000")
 
     async def main():
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         backend = DeviceBackend("/dev/tpm-test")
         assert not backend.ready_now()
-        backend._fd = ours.detach()
-        assert backend.ready_now()
+        backend._adopt(ours.detach())
+        assert backend.ready_now() and not backend.kernel_tpm
         command = get_random()
         assert backend.send_now(command, 2) is None
         assert theirs.recv(4096) == command
-        theirs.send(bytes.fromhex("80010000000a00000000"))
-        assert await backend.answer() == bytes.fromhex("80010000000a00000000")
+        theirs.send(answer)
+        assert await backend.answer() == answer
+        backend.spin_wait = SpinWait(2.0)
+        later = threading.Timer(0.01, theirs.send, (answer,))
+        later.start()
+        assert backend.send_now(command, 2) == answer  # within the spin: no await
+        later.join()
+        assert theirs.recv(4096) == command
+        backend.spin_wait = None
         assert backend.send_now(command, 0.1) is None
         with trio.fail_after(5):
             assert await backend.answer() == -errno.ETIME
         assert not backend.ready_now()  # the late answer must not be the next command's
         mine, gone = socket.socketpair()
         gone.close()
-        backend._fd = mine.detach()
+        backend._adopt(mine.detach())
         assert backend.send_now(command, 2) == -errno.EPIPE and not backend.ready_now()
-        assert backend.commands_sent == 3
+        assert backend.commands_sent == 4
         theirs.close()
 
     trio.run(main)
+
+
+def test_a_kernel_tpm_is_written_blocking_for_a_client_alone():
+    """On a kernel TPM device a command for a client alone is written without O_NONBLOCK (the
+    kernel's write runs it) and read at once; for a client not alone, or with no spin, the
+    file is O_NONBLOCK again and the answer awaited.  A stand-in plays the kernel's part."""
+    from cusetpm.backends.device import DeviceBackend
+    from cusetpm.backends.spin import SpinWait
+
+    answer = bytes.fromhex("80010000000a00000000")
+    alone = [True]
+
+    async def main():
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        backend = DeviceBackend("/dev/tpm-test")
+        backend._adopt(ours.detach())
+        fd = backend._fd
+        backend.kernel_tpm = True
+        backend.spin_wait = SpinWait(1e-4, alone=lambda: alone[0])
+
+        def tpm() -> None:  # the kernel answers as its write ends; here the next read waits
+            assert theirs.recv(4096) == command
+            theirs.send(answer)
+
+        command = get_random()
+        kernel = threading.Thread(target=tpm)
+        kernel.start()
+        assert backend.send_now(command, 2) == answer
+        kernel.join()
+        assert os.get_blocking(fd)
+        alone[0] = False
+        assert backend.send_now(command, 2) is None
+        assert not os.get_blocking(fd)
+        assert theirs.recv(4096) == command
+        theirs.send(answer)
+        assert await backend.answer() == answer
+        theirs.close()
+        await backend.aclose()
+
+    trio.run(main)
+
+
+def test_only_the_kernels_tpm_devices_count_as_kernel_tpms(tmp_path):
+    """is_kernel_tpm: a character device whose sysfs subsystem is ``tpm`` or ``tpmrm``; not a
+    socket, not another character device (a CUSE node is one)."""
+    from cusetpm.backends.device import is_kernel_tpm
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert not is_kernel_tpm(a.fileno())
+    fd = os.open("/dev/null", os.O_RDWR)
+    try:
+        st = os.fstat(fd)
+        assert not is_kernel_tpm(fd)
+        for subsystem, want in (("tpm", True), ("tpmrm", True), ("mem", False), ("cuse", False)):
+            sysfs = tmp_path / subsystem
+            dev = sysfs / "dev" / "char" / f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            dev.mkdir(parents=True)
+            (sysfs / "class" / subsystem).mkdir(parents=True)
+            (dev / "subsystem").symlink_to(sysfs / "class" / subsystem)
+            assert is_kernel_tpm(fd, sysfs=str(sysfs)) is want, subsystem
+    finally:
+        os.close(fd)
+
+
+#: The guest side of the test below: prints one JSON line.
+_GUEST_DEVICE = r"""
+import json, os, time
+import trio
+from cusetpm.backends.device import DeviceBackend, is_kernel_tpm
+from cusetpm.backends.spin import SpinWait
+from cusetpm.kernel.wire import be32
+from cusetpm.testing.hostile import create_primary
+from helpers import flush_context, get_random
+
+out = {"kinds": {}}
+for path in ("/dev/tpm0", "/dev/tpmrm0", "/dev/null", "/dev/cuse"):
+    fd = os.open(path, os.O_RDWR)
+    out["kinds"][path] = is_kernel_tpm(fd)
+    os.close(fd)
+
+
+async def main():
+    backend = DeviceBackend("/dev/tpm0")
+    backend.open()
+    fd = backend._fd
+    backend.spin_wait = SpinWait(1e-4)  # a client alone: the blocking way
+    rsp = backend.send_now(get_random(), 30)
+    out["alone"] = [rsp[6:10].hex() if isinstance(rsp, bytes) else rsp, os.get_blocking(fd)]
+    backend.spin_wait = None  # the O_NONBLOCK way: the loop runs on while the TPM works
+    ticks, done, waits = 0, False, []
+
+    async def ticker():
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        for _ in range(5):
+            before, t = ticks, time.monotonic()
+            assert backend.send_now(create_primary(), 30) is None
+            rsp = await backend.answer()
+            waits.append([ticks - before, round(time.monotonic() - t, 4), rsp[6:10].hex()])
+            assert backend.send_now(flush_context(be32(rsp, 10)), 30) is None
+            await backend.answer()
+        done = True
+    out["waits"] = waits
+    out["blocking_after"] = os.get_blocking(fd)
+    await backend.aclose()
+
+
+trio.run(main)
+print("DEVICE=" + json.dumps(out))
+"""
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("version", ["6.1", "6.12"])
+def test_on_the_kernels_dev_tpm0_the_loop_runs_while_the_tpm_works(version, tmp_path):
+    """On a real kernel's /dev/tpm0 (swtpm behind vtpm_proxy): /dev/tpm0 and /dev/tpmrm0 are
+    kernel TPMs, /dev/null and /dev/cuse are not; a client alone's command is written
+    blocking and answered at once; and while an O_NONBLOCK command runs, the event loop
+    keeps running (waiting never touches the file, whose poll takes the mutex the kernel's
+    async work holds for the whole command)."""
+    import json
+    import sys
+
+    from cusetpm import rig
+
+    script = tmp_path / "device_check.py"
+    script.write_text(_GUEST_DEVICE)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    cmd = f"{rig.guest_swtpm_prelude()} && PYTHONPATH={tests} {sys.executable} {script}"
+    res = rig.run_in_guest(version, cmd, timeout=300)
+    line = next((ln for ln in res.output.splitlines() if ln.startswith("DEVICE=")), None)
+    assert line is not None, res.output[-3000:]
+    out = json.loads(line[len("DEVICE=") :])
+    assert out["kinds"] == {"/dev/tpm0": True, "/dev/tpmrm0": True, "/dev/null": False, "/dev/cuse": False}
+    assert out["alone"] == ["00000000", True]
+    assert not out["blocking_after"]
+    assert [w[2] for w in out["waits"]] == ["00000000"] * 5, out
+    assert sum(w[0] for w in out["waits"]) >= 20, out  # the ticker ran while the TPM worked

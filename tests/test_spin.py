@@ -129,3 +129,13 @@ def test_a_socket_backend_with_a_spin_answers_as_without() -> None:
         tpm.join()
         listener.close()
     assert calls == [True]
+
+
+def test_may_wait_only_when_spinning_and_alone() -> None:
+    """The device backend asks this before it writes a kernel TPM blocking."""
+    alone = [True]
+    assert SpinWait(1e-4).may_wait()
+    assert SpinWait(1e-4, alone=lambda: alone[0]).may_wait()
+    assert not SpinWait(0.0).may_wait()
+    alone[0] = False
+    assert not SpinWait(1e-4, alone=lambda: alone[0]).may_wait()

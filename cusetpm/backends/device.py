@@ -1,12 +1,26 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """A TPM character device (``device:/dev/tpm0``, or any file that behaves like one), on trio.
 
-The kernel's /dev/tpm0 (tpm-dev.c) runs a command written to a file opened O_NONBLOCK in its
-work queue and makes the file readable when the response is there, so one write, a wait for
-readability and one read are the whole exchange: no worker thread, unlike tpm2-tss's device
-TCTI behind :class:`~.tcti.TctiBackend` (which costs about 0.3 ms a command more).  The
-write needs no await, so the chip may begin a command from the request loop with it
-(:meth:`DeviceBackend.send_now`, TpmChip.start_inline); the rest waits in the worker.
+The kernel's /dev/tpm0 (tpm-dev-common.c) runs a command two ways.  Written to a file opened
+O_NONBLOCK, its work queue runs it and the file becomes readable when the response is there:
+one write, a wait, one read, and no worker thread, unlike tpm2-tss's device TCTI behind
+:class:`~.tcti.TctiBackend` (about 0.3 ms a command more).  Written without O_NONBLOCK, the
+write itself runs the command (tpm_common_write calls tpm_dev_transmit), and the read that
+follows finds the response.
+
+The wait must not touch the file while the work runs: tpm_common_poll and tpm_common_read take
+the file's buffer_mutex, which the work holds for the whole command, so a read, a poll, or an
+``epoll_ctl`` that registers the file (what trio's ``wait_readable`` does on every wait) would
+stop the event loop until the TPM answered.  So the file sits in an epoll of its own,
+registered once at open (edge-triggered), and trio waits on that epoll: its readiness says
+the work woke the file's waiters, which it does after letting go of the mutex.
+
+The blocking way is the fast one (no work-queue hop, no epoll): on a kernel TPM device (a
+``tpm`` or ``tpmrm`` class device, whose commands the kernel times out itself) a command
+:meth:`DeviceBackend.send_now` sends for a client alone on the chip (``serve --spin-us`` not
+0) is written that way, and the loop waits in the write: nobody else needs it meanwhile.  Any
+other command, and every command on another file (a FUSE or CUSE node, a stand-in), goes the
+O_NONBLOCK way, with the spin of :mod:`.spin` first and then trio.
 """
 
 from __future__ import annotations
@@ -14,11 +28,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
+import stat
 
 import trio
 
 from ..kernel import wire
 from .base import BackendError
+from .spin import SpinWait
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +51,32 @@ class DeviceBackend:
         self.path = path
         self.commands_sent = 0
         self._fd: int | None = None
+        #: The epoll the file waits in (see the module's docstring), registered once.
+        self._ep: select.epoll | None = None
+        #: The file is O_NONBLOCK now (the flag is changed only when the way changes).
+        self._nonblocking = True
+        #: The file is a kernel TPM device: a blocking write runs the command, with the
+        #: kernel's own time limit.
+        self.kernel_tpm = False
         #: The deadline of the exchange :meth:`send_now` began, from its start.
         self._timeout = 0.0
+        #: Whether the loop may wait for the answer (a client alone), and for how long on
+        #: the O_NONBLOCK way (``serve --spin-us``; .spin).  None: it never waits.
+        self.spin_wait: SpinWait | None = None
 
     def open(self) -> None:
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise BackendError(f"cannot open TPM device {self.path}: {exc.strerror}") from None
+        self._adopt(fd)
+
+    def _adopt(self, fd: int) -> None:
+        """Take ``fd`` (open O_NONBLOCK) as the device file."""
+        self._fd, self._nonblocking = fd, True
+        self.kernel_tpm = is_kernel_tpm(fd)
+        self._ep = select.epoll()
+        self._ep.register(fd, select.EPOLLIN | select.EPOLLET)
 
     async def transmit(self, data: bytes, timeout: float) -> bytes | int:
         if self._fd is None:
@@ -58,33 +93,55 @@ class DeviceBackend:
         """May :meth:`send_now` be used?  The device is open."""
         return self._fd is not None
 
-    def send_now(self, data: bytes, timeout: float) -> int | None:
-        """Write the command without awaiting (``ready_now``): None, and :meth:`answer`
-        awaits the response; or the errno the write failed with.  Never reads at once: a
-        read() while the kernel's async work runs the command sleeps on the file's mutex."""
+    def send_now(self, data: bytes, timeout: float) -> bytes | int | None:
+        """Send the command without awaiting (``ready_now``): the response if it is here
+        already (a kernel TPM written to blocking, or an answer within the spin), the errno
+        the exchange failed with, or None: then :meth:`answer` awaits the response."""
         self.commands_sent += 1
-        fd = self._fd
-        assert fd is not None
+        fd, ep = self._fd, self._ep
+        assert fd is not None and ep is not None
         self._timeout = timeout
+        spin = self.spin_wait
         try:
+            if self.kernel_tpm and spin is not None and spin.may_wait():
+                self._set_nonblocking(fd, False)
+                os.write(fd, data)  # tpm_common_write runs the command
+                return os.read(fd, wire.TPM_BUFSIZE) or -errno.EIO
+            self._set_nonblocking(fd, True)
             os.write(fd, data)
+            if spin is not None and spin.ready(ep.fileno()):
+                return self._read_ready(fd, ep)
         except OSError as exc:
             return self._failed(exc)
         return None
 
+    def _set_nonblocking(self, fd: int, on: bool) -> None:
+        if self._nonblocking != on:
+            os.set_blocking(fd, not on)
+            self._nonblocking = on
+
+    @staticmethod
+    def _read_ready(fd: int, ep: select.epoll) -> bytes | None:
+        """The response, once ``ep`` said the file's waiters were woken; None if it is not
+        there after all (a stand-in that is not a TPM)."""
+        ep.poll(0)  # takes the edge, so the next command's wait waits
+        try:
+            return os.read(fd, wire.TPM_BUFSIZE) or None
+        except BlockingIOError:
+            return None
+
     async def answer(self) -> bytes | int:
-        """The response to what :meth:`send_now` wrote, once the file is readable."""
-        fd = self._fd
-        if fd is None:
+        """The response to what :meth:`send_now` wrote O_NONBLOCK, once the file is readable."""
+        fd, ep = self._fd, self._ep
+        if fd is None or ep is None:
             return -errno.EPIPE
         try:
             with trio.fail_after(self._timeout):
                 while True:
-                    await trio.lowlevel.wait_readable(fd)
-                    try:
-                        return os.read(fd, wire.TPM_BUFSIZE)
-                    except BlockingIOError:
-                        continue
+                    await trio.lowlevel.wait_readable(ep.fileno())
+                    rsp = self._read_ready(fd, ep)
+                    if rsp is not None:
+                        return rsp
         except trio.TooSlowError:
             self._close()  # the late answer must not be read as the next command's
             return -errno.ETIME
@@ -99,8 +156,11 @@ class DeviceBackend:
         return -(exc.errno or errno.EIO)
 
     def _close(self) -> None:
+        if self._ep is not None:
+            trio.lowlevel.notify_closing(self._ep.fileno())
+            self._ep.close()
+            self._ep = None
         if self._fd is not None:
-            trio.lowlevel.notify_closing(self._fd)
             try:
                 os.close(self._fd)
             except OSError:  # a FUSE "device" whose daemon is gone: ENOTCONN
@@ -121,3 +181,15 @@ def device_path(conf: str) -> str | None:
     if name != "device":
         return None
     return rest or "/dev/tpm0"
+
+
+def is_kernel_tpm(fd: int, sysfs: str = "/sys") -> bool:
+    """Is ``fd`` a TPM character device of the kernel (class ``tpm`` or ``tpmrm``)?  Those
+    run a blocking write's command in the write, and time it out themselves; a CUSE node or
+    a FUSE file may never answer, so those are only ever written O_NONBLOCK."""
+    st = os.fstat(fd)
+    if not stat.S_ISCHR(st.st_mode):
+        return False
+    dev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    subsystem = os.path.realpath(os.path.join(sysfs, "dev", "char", dev, "subsystem"))
+    return os.path.basename(subsystem) in ("tpm", "tpmrm")

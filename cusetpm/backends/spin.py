@@ -59,10 +59,14 @@ class SpinWait:
         self.channels.discard(fd)
         self._poller = None
 
+    def may_wait(self) -> bool:
+        """May the loop wait for the TPM's answer now?  Spinning is on and the client is alone."""
+        return self.seconds > 0 and (self.alone is None or self.alone())
+
     def ready(self, fd: int) -> bool:
         """True once ``fd`` is readable; False at once unless ``alone``, and when ``seconds``
         ran out first or a channel has a request (then the caller waits in trio as usual)."""
-        if self.seconds <= 0 or (self.alone is not None and not self.alone()):
+        if not self.may_wait():
             return False
         poller = self._poller
         if poller is None or self._fd != fd:
