@@ -14,6 +14,12 @@ Two rows: GetRandom(16) on an empty space, and ReadPublic of one loaded object (
 CreatePrimary first), which makes both resource managers ContextLoad, ContextSave and
 FlushContext around every command.
 
+And the floor of the goal, in the same rounds: :data:`C_CUSE_RELAY`, a CUSE device in C
+(libfuse3's cuse_lowlevel, one thread, built with gcc on the host) whose every open is an open
+of the kernel's own /dev/tpmrm0, and whose write() writes the command there (the kernel runs
+it in that write) and reads the response for read() to hand out.  It is the kernel's resource
+manager behind one CUSE hop with nothing else: what no CUSE node, in any language, can beat.
+
 Guest side: ``python -m cusetpm.testing.bench_guest`` (after the rig's swtpm prelude) prints
 one JSON line.  Host side: :func:`guest_figure` boots the guest and parses that line.
 """
@@ -26,6 +32,7 @@ import os
 import shlex
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,13 +44,144 @@ GUEST_GOAL = 1.5
 
 #: The rows, in order: what the client sends, one call per write/read pair.
 ROWS = ("GetRandom(16)", "ReadPublic, one object loaded")
-#: The paths, as the JSON names them.
+#: The paths, as the JSON names them (the C relay's is optional: it needs gcc and libfuse3-dev).
 PATHS = ("kernel", "node")
+RELAY_PATH = "relay"
+#: The C relay's device name, /dev/NAME.
+RELAY_NAME = "cusetpm-crelay"
 #: Marks the guest's result line among whatever else the command prints.
 KEY = "cusetpm_bench_guest"
 
 DEFAULT_NAME = "cusetpm-bench"
 GET_RANDOM_16 = bytes.fromhex("80010000000c0000017b0010")
+
+
+#: The C CUSE relay (see the module's docstring): ``relay DEVNAME TPM_PATH``.
+C_CUSE_RELAY = r"""
+#define FUSE_USE_VERSION 31
+#include <cuse_lowlevel.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define BUFSIZE 4096
+
+static const char *tpm_path;
+
+struct file {
+    int fd;     /* this file's own open of the kernel's resource manager */
+    size_t len; /* response length (0: none pending) */
+    size_t off; /* bytes of it read so far */
+    unsigned char buf[BUFSIZE];
+};
+
+static void relay_open(fuse_req_t req, struct fuse_file_info *fi)
+{
+    struct file *f = calloc(1, sizeof(*f));
+
+    if (!f) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    f->fd = open(tpm_path, O_RDWR | O_CLOEXEC);
+    if (f->fd < 0) {
+        int err = errno;
+        free(f);
+        fuse_reply_err(req, err);
+        return;
+    }
+    fi->fh = (uintptr_t)f;
+    fi->direct_io = 1;
+    fi->nonseekable = 1;
+    fuse_reply_open(req, fi);
+}
+
+static void relay_release(fuse_req_t req, struct fuse_file_info *fi)
+{
+    struct file *f = (struct file *)(uintptr_t)fi->fh;
+
+    close(f->fd);
+    free(f);
+    fuse_reply_err(req, 0);
+}
+
+static void relay_read(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    struct file *f = (struct file *)(uintptr_t)fi->fh;
+    size_t n = f->len - f->off;
+
+    (void)off;
+    if (n > size)
+        n = size;
+    fuse_reply_buf(req, (const char *)f->buf + f->off, n);
+    f->off += n;
+    if (f->off >= f->len)
+        f->len = f->off = 0;
+}
+
+/* The kernel's blocking write runs the command; the read after it finds the response. */
+static void relay_write(fuse_req_t req, const char *buf, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    struct file *f = (struct file *)(uintptr_t)fi->fh;
+    ssize_t n;
+
+    (void)off;
+    if (f->len) {
+        fuse_reply_err(req, EBUSY);
+        return;
+    }
+    n = write(f->fd, buf, size);
+    if (n >= 0)
+        n = read(f->fd, f->buf, BUFSIZE);
+    if (n < 0) {
+        fuse_reply_err(req, errno);
+        return;
+    }
+    f->len = (size_t)n;
+    f->off = 0;
+    fuse_reply_write(req, size);
+}
+
+static void relay_poll(fuse_req_t req, struct fuse_file_info *fi, struct fuse_pollhandle *ph)
+{
+    struct file *f = (struct file *)(uintptr_t)fi->fh;
+
+    if (ph)
+        fuse_pollhandle_destroy(ph); /* nothing is ever pending later: a write answers at once */
+    fuse_reply_poll(req, f->len ? POLLIN | POLLRDNORM : POLLOUT | POLLWRNORM);
+}
+
+static const struct cuse_lowlevel_ops ops = {
+    .open = relay_open,
+    .read = relay_read,
+    .write = relay_write,
+    .release = relay_release,
+    .poll = relay_poll,
+};
+
+/* relay DEVNAME TPM_PATH: serve /dev/DEVNAME in the foreground, on one thread. */
+int main(int argc, char *argv[])
+{
+    static char devname[128];
+    const char *info[] = {devname};
+    char *args[] = {argv[0], "-f", "-s", NULL};
+    struct cuse_info ci = {0};
+
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s DEVNAME TPM_PATH\n", argv[0]);
+        return 2;
+    }
+    snprintf(devname, sizeof(devname), "DEVNAME=%s", argv[1]);
+    tpm_path = argv[2];
+    ci.dev_info_argc = 1;
+    ci.dev_info_argv = info;
+    return cuse_lowlevel_main(3, args, &ci, &ops, NULL);
+}
+"""
 
 
 def _read_public(handle: int) -> bytes:
@@ -116,10 +254,14 @@ def run(args: argparse.Namespace, result: dict) -> None:
         served = start_serve(serve, log_path=log, timeout=args.start_timeout)
         result["node_start_s"] = round(time.monotonic() - t, 1)
         paths: dict[str, _Path] = {}
+        relay: subprocess.Popen | None = None
         try:
             # Both open at once; each answers before anything is timed.
             paths["kernel"] = _Path("/dev/tpmrm0")
             paths["node"] = _Path(str(served.node))
+            if args.c_relay:
+                relay = _start_relay(args.c_relay, Path(tmp) / "relay.log")
+                paths[RELAY_PATH] = _Path(f"/dev/{RELAY_NAME}")
             for p in paths.values():
                 _call(p.empty, GET_RANDOM_16)
             result["handles"] = {name: f"0x{p.handle:08x}" for name, p in paths.items()}
@@ -127,10 +269,28 @@ def run(args: argparse.Namespace, result: dict) -> None:
         finally:
             for p in paths.values():
                 p.close()
+            if relay is not None:
+                relay.terminate()
+                result["relay_exit"] = relay.wait(10)
             rc = served.stop()
             result["node_exit"] = rc
         if rc != 0 and not result.get("error"):
             result["error"] = f"cusetpm serve exited with status {rc}: {served.log()[-2000:]}"
+        if result.get("relay_exit") not in (None, 0) and not result.get("error"):
+            result["error"] = f"the C relay exited with status {result['relay_exit']}"
+
+
+def _start_relay(binary: str, log: Path) -> subprocess.Popen:
+    """Start the C relay on /dev/tpmrm0 and wait for its device."""
+    dev = f"/dev/{RELAY_NAME}"
+    proc = subprocess.Popen([binary, RELAY_NAME, "/dev/tpmrm0"], stdin=subprocess.DEVNULL, stderr=log.open("w"))
+    deadline = time.monotonic() + 30
+    while not os.path.exists(dev):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the C relay did not serve {dev}: {log.read_text(errors='replace')[-500:]}")
+        time.sleep(0.05)
+    return proc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=DEFAULT_NAME, help="the CUSE node's name, /dev/NAME")
     ap.add_argument("--kernel", default="6.12", help="the node's kernel profile")
     ap.add_argument("--start-timeout", type=float, default=180.0, help="seconds for the node to serve")
+    ap.add_argument("--c-relay", metavar="BINARY", help="the C CUSE relay, built (also measure it)")
     args = ap.parse_args(argv)
     result: dict = {KEY: 1, "release": os.uname().release, "rounds": args.rounds, "error": None}
     result["sizes"] = {ROWS[0]: args.random, ROWS[1]: args.public}
@@ -173,14 +334,17 @@ class GuestFigure:
     #: Why it ran and failed.
     error: str | None = None
     seconds: float | None = None  # the guest's wall time, boot included
+    #: Why the C relay was not measured (no gcc or libfuse3-dev here), or None.
+    relay_skipped: str | None = None
 
     def median(self, row: str, path: str) -> float | None:
         got = self.batches.get(row, {}).get(path)
         return statistics.median(got) if got else None
 
-    def ratio(self, row: str) -> float | None:
-        node, kernel = self.median(row, "node"), self.median(row, "kernel")
-        return node / kernel if node is not None and kernel else None
+    def ratio(self, row: str, path: str = "node", base: str = "kernel") -> float | None:
+        """``path`` against ``base`` on ``row`` (the figure: the node against the kernel)."""
+        top, bottom = self.median(row, path), self.median(row, base)
+        return top / bottom if top is not None and bottom else None
 
 
 def cannot_boot(kernel: str) -> str | None:
@@ -199,13 +363,32 @@ def cannot_boot(kernel: str) -> str | None:
     return None
 
 
-def guest_command(kernel: str, rounds: int, random: int, public: int, warmup: int) -> str:
+def guest_command(kernel: str, rounds: int, random: int, public: int, warmup: int, relay: str | None = None) -> str:
     """The shell command the guest runs: the rig's swtpm prelude, then the guest side."""
     from ..rig import guest_swtpm_prelude
 
     argv = [sys.executable, "-m", "cusetpm.testing.bench_guest", "--kernel", kernel, "--rounds", str(rounds)]
     argv += ["--random", str(random), "--public", str(public), "--warmup", str(warmup)]
+    argv += ["--c-relay", relay] if relay else []
     return f"{guest_swtpm_prelude()} && {shlex.join(argv)}"
+
+
+def build_relay(work: Path) -> Path:
+    """Build :data:`C_CUSE_RELAY` in ``work`` with gcc and libfuse3 (host side: the guest sees
+    the host's files); RuntimeError says why it cannot."""
+    from .bench_floor import fuse_flags, missing_c
+
+    why = missing_c()
+    if why is not None:
+        raise RuntimeError(why)
+    src, binary = work / "cuse-relay.c", work / "cuse-relay"
+    src.write_text(C_CUSE_RELAY)
+    cc = subprocess.run(
+        ["gcc", "-O2", "-Wall", "-o", str(binary), str(src), *fuse_flags()], capture_output=True, text=True
+    )
+    if cc.returncode != 0:
+        raise RuntimeError(f"gcc failed: {cc.stderr.strip()[-400:]}")
+    return binary
 
 
 def parse_output(fig: GuestFigure, output: str) -> GuestFigure:
@@ -243,11 +426,18 @@ def guest_figure(
     if why is not None:
         fig.skipped = f"the rig cannot boot here: {why}"
         return fig
-    try:
-        res = run_in_guest(kernel, guest_command(kernel, rounds, random, public, warmup), timeout=timeout)
-    except RigError as exc:
-        fig.error = str(exc).splitlines()[0]
-        return fig
+    with tempfile.TemporaryDirectory(prefix="cusetpm-bench-relay-") as work:
+        relay = None
+        try:
+            relay = str(build_relay(Path(work)))
+        except RuntimeError as exc:
+            fig.relay_skipped = str(exc)
+        try:
+            command = guest_command(kernel, rounds, random, public, warmup, relay)
+            res = run_in_guest(kernel, command, timeout=timeout)
+        except RigError as exc:
+            fig.error = str(exc).splitlines()[0]
+            return fig
     fig.seconds = res.seconds
     parse_output(fig, res.output)
     if fig.error is None and res.returncode != 0:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bench_floor import FLOOR_GOAL, Floor
-from .bench_guest import DEFAULT_NAME, GUEST_GOAL, PATHS, ROWS, GuestFigure
+from .bench_guest import DEFAULT_NAME, GUEST_GOAL, PATHS, RELAY_NAME, RELAY_PATH, ROWS, GuestFigure
 from .bench_limits import BackendCost, cycle_commands
 from .bench_load import FAIRNESS_GOAL, FILE_KIB_GOAL, THROUGHPUT_GOAL, FilesFigure, LoadFigure
 from .bench_paths import OPS, Route
@@ -172,26 +172,43 @@ def report_guest(fig: GuestFigure) -> list[str]:
     if fig.skipped:
         return [f"{head}: not measured: {fig.skipped}"]
     out = []
+    relay = all(fig.median(row, RELAY_PATH) is not None for row in ROWS)
+    paths = [*PATHS, RELAY_PATH] if relay else list(PATHS)
     if all(fig.median(row, p) is not None for row in ROWS for p in PATHS):
         cols = [
             ["/dev/tpmrm0", *(ratio(fig.median(row, "kernel"), None) for row in ROWS)],
             [f"/dev/{DEFAULT_NAME}", *(ratio(fig.median(row, "node"), fig.median(row, "kernel")) for row in ROWS)],
         ]
+        if relay:
+            cols.append(
+                ["C CUSE relay", *(ratio(fig.median(row, RELAY_PATH), fig.median(row, "kernel")) for row in ROWS)]
+            )
         out += grid("µs per command in the guest (TCG; x kernel)", list(ROWS), cols)
-        for p in PATHS:
+        for p in paths:
             spread = ", ".join(f"{min(b):.0f}-{max(b):.0f}" for row in ROWS if (b := fig.batches[row][p]))
             out.append(f"  batch means {p}: {spread} µs")
     if fig.error:
         out.append(f"{head}: FAILED: {fig.error}")
-    got = [(row.split(",")[0].split("(")[0], x) for row in ROWS if (x := fig.ratio(row)) is not None]
+    got = [(_op(row), x) for row in ROWS if (x := fig.ratio(row)) is not None]
     if fig.error or len(got) < len(ROWS):
         out.append(f"{goal}: not measured")
     else:
         detail = ", ".join(f"{op} {x:.2f}x" for op, x in got)
         out.append(f"{goal}: {label}: {met(all(x <= GUEST_GOAL for _, x in got))} ({detail})")
+    if relay:
+        floor = ", ".join(f"{_op(row)} {fig.ratio(row, RELAY_PATH):.2f}x" for row in ROWS)
+        over = ", ".join(f"{_op(row)} {fig.ratio(row, 'node', RELAY_PATH):.2f}x" for row in ROWS)
+        out.append(f"The floor, a C CUSE relay on the kernel's own /dev/tpmrm0: {floor} the kernel; the node {over} it")
+    elif not fig.error:
+        out.append(f"The floor, a C CUSE relay: not measured: {fig.relay_skipped or 'the guest did not run it'}")
     if not fig.error:
         out.append(textwrap.fill(how_guest(fig), width=96, break_on_hyphens=False))
     return out
+
+
+def _op(row: str) -> str:
+    """A guest row's command: "GetRandom", "ReadPublic"."""
+    return row.split(",")[0].split("(")[0]
 
 
 def how_guest(fig: GuestFigure) -> str:
@@ -202,7 +219,9 @@ def how_guest(fig: GuestFigure) -> str:
         "behind vtpm_proxy; the kernel's resource manager on /dev/tpmrm0, and `cusetpm serve --cuse "
         f"{DEFAULT_NAME} --tcti device:/dev/tpm0 --kernel {fig.kernel}` on the same chip through the "
         f"kernel's raw /dev/tpm0{start}; both open at once (the node holds /dev/tpm0, which /dev/tpmrm0 "
-        "does not need), nothing restarted between rounds.  One client process, raw os.write/os.read "
+        "does not need), nothing restarted between rounds; and the C CUSE relay (bench_guest.C_CUSE_RELAY, "
+        f"/dev/{RELAY_NAME}), every open of it an open of /dev/tpmrm0, where each write() runs its command.  "
+        "One client process, raw os.write/os.read "
         "on an O_RDWR fd; per path one file with nothing loaded (GetRandom(16)) and one holding an "
         f"ECC P-256 primary ({'/'.join(handles)}) for ReadPublic, so each resource manager loads, saves "
         f"and flushes it around every command.  {fig.rounds} rounds, each one batch per row and path "
