@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--spin-us", type=float, metavar="US",
         help="how long the request loop keeps polling for the next request, and a client alone's "
-        "command the TPM's socket for its answer, before sleeping (default 100; 0: sleep at once); "
-        "see README, 'The request path'",
+        "command the TPM's socket for its answer, before sleeping (default 100; 0: sleep at once, "
+        "and never write a kernel TPM device blocking); see README, 'The request path'",
     )  # fmt: skip
     serve.add_argument(
         "--cpu", type=int, metavar="N",
