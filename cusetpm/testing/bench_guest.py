@@ -56,8 +56,33 @@ DEFAULT_NAME = "cusetpm-bench"
 GET_RANDOM_16 = bytes.fromhex("80010000000c0000017b0010")
 
 
+#: What both C relays (this CUSE one and bench_relay's FUSE one) do with a response pending on a
+#: file (a ``struct file`` with ``len``, ``off`` and ``buf``): read() hands it out, in parts if
+#: asked; poll() answers POLLIN while one is pending, else POLLOUT.
+C_PENDING = r"""
+static void reply_pending(fuse_req_t req, struct file *f, size_t size)
+{
+    size_t n = f->len - f->off;
+
+    if (n > size)
+        n = size;
+    fuse_reply_buf(req, (const char *)f->buf + f->off, n);
+    f->off += n;
+    if (f->off >= f->len)
+        f->len = f->off = 0;
+}
+
+static void reply_poll(fuse_req_t req, struct file *f, struct fuse_pollhandle *ph)
+{
+    if (ph)
+        fuse_pollhandle_destroy(ph); /* nothing is ever pending later: a write answers at once */
+    fuse_reply_poll(req, f->len ? POLLIN | POLLRDNORM : POLLOUT | POLLWRNORM);
+}
+"""
+
 #: The C CUSE relay (see the module's docstring): ``relay DEVNAME TPM_PATH``.
-C_CUSE_RELAY = r"""
+C_CUSE_RELAY = (
+    r"""
 #define FUSE_USE_VERSION 31
 #include <cuse_lowlevel.h>
 #include <errno.h>
@@ -78,7 +103,9 @@ struct file {
     size_t off; /* bytes of it read so far */
     unsigned char buf[BUFSIZE];
 };
-
+"""
+    + C_PENDING
+    + r"""
 static void relay_open(fuse_req_t req, struct fuse_file_info *fi)
 {
     struct file *f = calloc(1, sizeof(*f));
@@ -111,16 +138,8 @@ static void relay_release(fuse_req_t req, struct fuse_file_info *fi)
 
 static void relay_read(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi)
 {
-    struct file *f = (struct file *)(uintptr_t)fi->fh;
-    size_t n = f->len - f->off;
-
     (void)off;
-    if (n > size)
-        n = size;
-    fuse_reply_buf(req, (const char *)f->buf + f->off, n);
-    f->off += n;
-    if (f->off >= f->len)
-        f->len = f->off = 0;
+    reply_pending(req, (struct file *)(uintptr_t)fi->fh, size);
 }
 
 /* The kernel's blocking write runs the command; the read after it finds the response. */
@@ -148,11 +167,7 @@ static void relay_write(fuse_req_t req, const char *buf, size_t size, off_t off,
 
 static void relay_poll(fuse_req_t req, struct fuse_file_info *fi, struct fuse_pollhandle *ph)
 {
-    struct file *f = (struct file *)(uintptr_t)fi->fh;
-
-    if (ph)
-        fuse_pollhandle_destroy(ph); /* nothing is ever pending later: a write answers at once */
-    fuse_reply_poll(req, f->len ? POLLIN | POLLRDNORM : POLLOUT | POLLWRNORM);
+    reply_poll(req, (struct file *)(uintptr_t)fi->fh, ph);
 }
 
 static const struct cuse_lowlevel_ops ops = {
@@ -182,6 +197,7 @@ int main(int argc, char *argv[])
     return cuse_lowlevel_main(3, args, &ci, &ops, NULL);
 }
 """
+)
 
 
 def _read_public(handle: int) -> bytes:

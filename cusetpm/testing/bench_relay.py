@@ -20,6 +20,7 @@ import socket
 import struct
 
 from .bench_floor import missing_c, start_c_file
+from .bench_guest import C_PENDING
 from .bench_paths import Route
 from .bench_rig import Rig
 from .relay import CountingRelay
@@ -33,7 +34,8 @@ TIMEOUT = 30
 #: "tpm", that forwards each command written to it to a TPM on an inherited socket, in the
 #: write itself, and answers read with the response and poll with POLLIN while one is
 #: pending (else POLLOUT).  One thread; no resource manager.
-C_RELAY = r"""
+C_RELAY = (
+    r"""
 #define USAGE "TPM_FD"
 #define BUFSIZE 4096
 
@@ -44,7 +46,9 @@ struct file {
     size_t off; /* bytes of it read so far */
     unsigned char buf[BUFSIZE];
 };
-
+"""
+    + C_PENDING
+    + r"""
 static int setup(int argc, char *argv[])
 {
     if (argc != 1)
@@ -82,16 +86,8 @@ static void file_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
 
 static void file_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
-    struct file *f = (struct file *)(uintptr_t)fi->fh;
-    size_t n = f->len - f->off;
-
     (void)ino, (void)off;
-    if (n > size)
-        n = size;
-    fuse_reply_buf(req, (const char *)f->buf + f->off, n);
-    f->off += n;
-    if (f->off >= f->len)
-        f->len = f->off = 0;
+    reply_pending(req, (struct file *)(uintptr_t)fi->fh, size);
 }
 
 /* Send the whole command, then read until the response's header size is in. */
@@ -145,15 +141,12 @@ static void file_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t s
 
 static void file_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct fuse_pollhandle *ph)
 {
-    struct file *f = (struct file *)(uintptr_t)fi->fh;
-
     (void)ino;
-    if (ph)
-        fuse_pollhandle_destroy(ph); /* nothing is ever pending later: a write answers at once */
-    fuse_reply_poll(req, f->len ? POLLIN | POLLRDNORM : POLLOUT | POLLWRNORM);
+    reply_poll(req, (struct file *)(uintptr_t)fi->fh, ph);
 }
 
 """
+)
 
 
 def start_c_relay(rig: Rig, tpm: socket.socket) -> str:
