@@ -446,11 +446,10 @@ def test_the_simulators_framing():
 
 
 def test_a_device_is_written_without_awaiting_and_answered_when_readable():
-    """DeviceBackend.send_now writes the command O_NONBLOCK and returns None (a read at once
-    would sleep on the kernel's file mutex while its async work runs the command); answer()
-    waits for the file's own epoll to say it is readable, and an answer within the spin
-    comes back from send_now itself; no answer in time is -ETIME and the file is closed; a
-    device gone (EPIPE) is -EPIPE."""
+    """A device that is not the kernel's (a stand-in here, a FUSE or CUSE node in use):
+    DeviceBackend.send_now writes the command O_NONBLOCK and returns None, never reading at
+    once and never spinning; answer() waits for the file to be readable; no answer in time
+    is -ETIME and the file is closed; a device gone (EPIPE) is -EPIPE."""
     from cusetpm.backends.device import DeviceBackend
     from cusetpm.backends.spin import SpinWait
 
@@ -461,38 +460,33 @@ def test_a_device_is_written_without_awaiting_and_answered_when_readable():
         ours.setblocking(False)
         backend = DeviceBackend("/dev/tpm-test")
         assert not backend.ready_now()
-        backend._adopt(ours.detach())
-        assert backend.ready_now() and not backend.kernel_tpm
+        backend._adopt(ours.detach(), kernel_tpm=False)
+        assert backend.ready_now()
+        backend.spin_wait = SpinWait(2.0)
         command = get_random()
+        theirs.send(answer)  # already there: still not read at once
         assert backend.send_now(command, 2) is None
         assert theirs.recv(4096) == command
-        theirs.send(answer)
         assert await backend.answer() == answer
-        backend.spin_wait = SpinWait(2.0)
-        later = threading.Timer(0.01, theirs.send, (answer,))
-        later.start()
-        assert backend.send_now(command, 2) == answer  # within the spin: no await
-        later.join()
-        assert theirs.recv(4096) == command
-        backend.spin_wait = None
         assert backend.send_now(command, 0.1) is None
         with trio.fail_after(5):
             assert await backend.answer() == -errno.ETIME
         assert not backend.ready_now()  # the late answer must not be the next command's
         mine, gone = socket.socketpair()
         gone.close()
-        backend._adopt(mine.detach())
+        backend._adopt(mine.detach(), kernel_tpm=False)
         assert backend.send_now(command, 2) == -errno.EPIPE and not backend.ready_now()
-        assert backend.commands_sent == 4
+        assert backend.commands_sent == 3
         theirs.close()
 
     trio.run(main)
 
 
-def test_a_kernel_tpm_is_written_blocking_for_a_client_alone():
+def test_a_kernel_tpm_is_written_blocking_for_a_client_alone_and_else_waited_for_in_its_epoll():
     """On a kernel TPM device a command for a client alone is written without O_NONBLOCK (the
-    kernel's write runs it) and read at once; for a client not alone, or with no spin, the
-    file is O_NONBLOCK again and the answer awaited.  A stand-in plays the kernel's part."""
+    kernel's write runs it) and read at once.  For a client not alone the file is O_NONBLOCK
+    again, and answer() waits on the file's own epoll.  A stand-in plays the kernel's part
+    (the real one: the guest test below)."""
     from cusetpm.backends.device import DeviceBackend
     from cusetpm.backends.spin import SpinWait
 
@@ -503,9 +497,8 @@ def test_a_kernel_tpm_is_written_blocking_for_a_client_alone():
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         backend = DeviceBackend("/dev/tpm-test")
-        backend._adopt(ours.detach())
+        backend._adopt(ours.detach(), kernel_tpm=True)
         fd = backend._fd
-        backend.kernel_tpm = True
         backend.spin_wait = SpinWait(1e-4, alone=lambda: alone[0])
 
         def tpm() -> None:  # the kernel answers as its write ends; here the next read waits

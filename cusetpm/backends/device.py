@@ -11,16 +11,18 @@ follows finds the response.
 The wait must not touch the file while the work runs: tpm_common_poll and tpm_common_read take
 the file's buffer_mutex, which the work holds for the whole command, so a read, a poll, or an
 ``epoll_ctl`` that registers the file (what trio's ``wait_readable`` does on every wait) would
-stop the event loop until the TPM answered.  So the file sits in an epoll of its own,
-registered once at open (edge-triggered), and trio waits on that epoll: its readiness says
-the work woke the file's waiters, which it does after letting go of the mutex.
+stop the event loop until the TPM answered.  So a kernel TPM device (a ``tpm`` or ``tpmrm``
+class device) sits in an epoll of its own, registered once at open (edge-triggered), and trio
+waits on that epoll: its readiness says the work woke the file's waiters, which it does after
+letting go of the mutex.
 
-The blocking way is the fast one (no work-queue hop, no epoll): on a kernel TPM device (a
-``tpm`` or ``tpmrm`` class device, whose commands the kernel times out itself) a command
-:meth:`DeviceBackend.send_now` sends for a client alone on the chip (``serve --spin-us`` not
-0) is written that way, and the loop waits in the write: nobody else needs it meanwhile.  Any
-other command, and every command on another file (a FUSE or CUSE node, a stand-in), goes the
-O_NONBLOCK way, with the spin of :mod:`.spin` first and then trio.
+The blocking way is the fast one (no work-queue hop, no epoll): on a kernel TPM device, whose
+commands the kernel times out itself, a command :meth:`DeviceBackend.send_now` sends for a
+client alone on the chip (``serve --spin-us`` not 0) is written that way, and the loop waits
+in the write: nobody else needs it meanwhile.  Any other of its commands goes the O_NONBLOCK
+way and waits in trio on its epoll.  Any other file (a FUSE or
+CUSE node, a stand-in) is written O_NONBLOCK and waited for with trio's ``wait_readable``, as
+ever: such a file may never answer, or never wake its pollers (a CUSE device without poll).
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ class DeviceBackend:
         self.kernel_tpm = False
         #: The deadline of the exchange :meth:`send_now` began, from its start.
         self._timeout = 0.0
-        #: Whether the loop may wait for the answer (a client alone), and for how long on
-        #: the O_NONBLOCK way (``serve --spin-us``; .spin).  None: it never waits.
+        #: Whether the loop may wait for a kernel TPM's answer in a blocking write: a client
+        #: alone, ``serve --spin-us`` not 0 (.spin).  None: it never does.
         self.spin_wait: SpinWait | None = None
 
     def open(self) -> None:
@@ -69,14 +71,14 @@ class DeviceBackend:
             fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise BackendError(f"cannot open TPM device {self.path}: {exc.strerror}") from None
-        self._adopt(fd)
+        self._adopt(fd, is_kernel_tpm(fd))
 
-    def _adopt(self, fd: int) -> None:
-        """Take ``fd`` (open O_NONBLOCK) as the device file."""
-        self._fd, self._nonblocking = fd, True
-        self.kernel_tpm = is_kernel_tpm(fd)
-        self._ep = select.epoll()
-        self._ep.register(fd, select.EPOLLIN | select.EPOLLET)
+    def _adopt(self, fd: int, kernel_tpm: bool) -> None:
+        """Take ``fd`` (open O_NONBLOCK) as the device file; a kernel TPM's gets its epoll."""
+        self._fd, self._nonblocking, self.kernel_tpm = fd, True, kernel_tpm
+        if kernel_tpm:
+            self._ep = select.epoll()
+            self._ep.register(fd, select.EPOLLIN | select.EPOLLET)
 
     async def transmit(self, data: bytes, timeout: float) -> bytes | int:
         if self._fd is None:
@@ -95,22 +97,21 @@ class DeviceBackend:
 
     def send_now(self, data: bytes, timeout: float) -> bytes | int | None:
         """Send the command without awaiting (``ready_now``): the response if it is here
-        already (a kernel TPM written to blocking, or an answer within the spin), the errno
-        the exchange failed with, or None: then :meth:`answer` awaits the response."""
+        already (a kernel TPM written to blocking for a client alone), the errno the
+        exchange failed with, or None: then :meth:`answer` awaits the response.  Every other
+        command is written O_NONBLOCK and never read at once."""
         self.commands_sent += 1
         fd, ep = self._fd, self._ep
-        assert fd is not None and ep is not None
+        assert fd is not None
         self._timeout = timeout
         spin = self.spin_wait
         try:
-            if self.kernel_tpm and spin is not None and spin.may_wait():
+            if ep is not None and spin is not None and spin.may_wait():
                 self._set_nonblocking(fd, False)
                 os.write(fd, data)  # tpm_common_write runs the command
                 return os.read(fd, wire.TPM_BUFSIZE) or -errno.EIO
             self._set_nonblocking(fd, True)
             os.write(fd, data)
-            if spin is not None and spin.ready(ep.fileno()):
-                return self._read_ready(fd, ep)
         except OSError as exc:
             return self._failed(exc)
         return None
@@ -121,9 +122,9 @@ class DeviceBackend:
             self._nonblocking = on
 
     @staticmethod
-    def _read_ready(fd: int, ep: select.epoll) -> bytes | None:
-        """The response, once ``ep`` said the file's waiters were woken; None if it is not
-        there after all (a stand-in that is not a TPM)."""
+    def _read_woken(fd: int, ep: select.epoll) -> bytes | None:
+        """A kernel TPM's response, once its epoll said the file's waiters were woken; None
+        if it is not there after all."""
         ep.poll(0)  # takes the edge, so the next command's wait waits
         try:
             return os.read(fd, wire.TPM_BUFSIZE) or None
@@ -131,17 +132,25 @@ class DeviceBackend:
             return None
 
     async def answer(self) -> bytes | int:
-        """The response to what :meth:`send_now` wrote O_NONBLOCK, once the file is readable."""
+        """The response to what :meth:`send_now` wrote O_NONBLOCK, once the file is readable:
+        a kernel TPM's as its own epoll says, any other's as trio's does."""
         fd, ep = self._fd, self._ep
-        if fd is None or ep is None:
+        if fd is None:
             return -errno.EPIPE
         try:
             with trio.fail_after(self._timeout):
                 while True:
-                    await trio.lowlevel.wait_readable(ep.fileno())
-                    rsp = self._read_ready(fd, ep)
-                    if rsp is not None:
-                        return rsp
+                    if ep is not None:
+                        await trio.lowlevel.wait_readable(ep.fileno())
+                        rsp = self._read_woken(fd, ep)
+                        if rsp is not None:
+                            return rsp
+                        continue
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        return os.read(fd, wire.TPM_BUFSIZE)
+                    except BlockingIOError:
+                        continue
         except trio.TooSlowError:
             self._close()  # the late answer must not be read as the next command's
             return -errno.ETIME
@@ -160,6 +169,8 @@ class DeviceBackend:
             trio.lowlevel.notify_closing(self._ep.fileno())
             self._ep.close()
             self._ep = None
+        elif self._fd is not None:
+            trio.lowlevel.notify_closing(self._fd)
         if self._fd is not None:
             try:
                 os.close(self._fd)
