@@ -20,9 +20,9 @@ The blocking way is the fast one (no work-queue hop, no epoll): on a kernel TPM 
 commands the kernel times out itself, a command :meth:`DeviceBackend.send_now` sends for a
 client alone on the chip (``serve --spin-us`` not 0) is written that way, and the loop waits
 in the write: nobody else needs it meanwhile.  Any other of its commands goes the O_NONBLOCK
-way and waits in trio on its epoll.  Any other file (a FUSE or
-CUSE node, a stand-in) is written O_NONBLOCK and waited for with trio's ``wait_readable``, as
-ever: such a file may never answer, or never wake its pollers (a CUSE device without poll).
+way and waits in trio on its epoll.  Any other file (a FUSE or CUSE node, a stand-in) is
+written O_NONBLOCK and waited for with trio's ``wait_readable``, as ever: such a file may
+never answer, or never wake its pollers (a CUSE device without poll).
 """
 
 from __future__ import annotations
