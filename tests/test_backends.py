@@ -385,8 +385,10 @@ def test_an_abstract_unix_socket_nobody_listens_on_is_a_backend_error_that_names
 
 def test_send_now_answers_within_the_spin_or_leaves_the_answer_to_answer():
     """The exchange the chip begins in the request loop: send_now() returns swtpm's answer if
-    it came within the spin, else None, and answer() awaits it; under the watch, an answer
-    that never comes is -ETIME and the next command gets a new connection."""
+    it came within the spin, else None, and answer() awaits it; the spin learns how long each
+    command code's answer took, either way, and does not spin for one that took too long;
+    under the watch, an answer that never comes is -ETIME and the next command gets a new
+    connection."""
     from cusetpm.backends.spin import SpinWait
 
     listener = socket.socket()
@@ -395,11 +397,15 @@ def test_send_now_answers_within_the_spin_or_leaves_the_answer_to_answer():
     listener.settimeout(5)
     answer = bytes.fromhex("80010000000a00000000")
 
+    def tpm_cc(command: bytes) -> int:
+        return be32(command, 6)
+
     def tpm() -> None:
         conn, _ = listener.accept()
         for _ in range(2):
             conn.recv(4096)
             conn.sendall(answer)
+        conn.settimeout(10)  # the thread ends even if the test fails
         conn.recv(4096)  # and says nothing
         second, _ = listener.accept()
         second.recv(4096)
@@ -411,11 +417,15 @@ def test_send_now_answers_within_the_spin_or_leaves_the_answer_to_answer():
     async def main():
         async with watched(listener, tpm) as backend:
             assert backend.ready_now()
-            backend.spin_wait = SpinWait(5.0)
+            spin = backend.spin_wait = SpinWait(5.0)
             assert backend.send_now(get_random(), 2) == answer
-            backend.spin_wait = None
+            cc = tpm_cc(get_random())
+            assert 0 < spin.took[cc] < 5.0  # the spin learns how long it took
+            spin.took[cc] = 10.0  # too slow to spin for (over the cap and 5 s): answer() waits
             assert backend.send_now(get_random(), 2) is None
             assert await backend.answer() == answer
+            assert spin.took[cc] < 5.0  # answered in trio, and timed too
+            backend.spin_wait = None
             assert backend.send_now(get_random(), 0.2) is None
             with trio.fail_after(5):
                 assert await backend.answer() == -errno.ETIME

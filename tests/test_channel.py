@@ -425,6 +425,37 @@ def test_the_spin_pauses_while_the_tpm_works_when_asked() -> None:
     trio.run(main)
 
 
+def test_the_loop_spins_on_while_an_answer_is_due() -> None:
+    """With the backend's spin watching (``Channel.watch``), spin_read goes on past its own
+    spin until the answer a client alone waits for is due (``spin_until``), and no longer."""
+    import time
+
+    class Due:
+        until = 0.0
+
+        def watch(self, fd: int) -> None: ...
+
+        def forget(self, fd: int) -> None: ...
+
+        def spin_until(self) -> float:
+            return self.until
+
+    async def main() -> None:
+        with served(FastFile) as (server, theirs):
+            due = Due()
+            server.spin, server.watch = 0.001, due
+            due.until = time.perf_counter() + 0.1
+            t0 = trio.current_time()
+            assert await server.spin_read() is None
+            assert 0.09 <= trio.current_time() - t0 < 1.0
+            due.until = 0.0  # nothing due: the loop's own spin only
+            t0 = trio.current_time()
+            assert await server.spin_read() is None
+            assert trio.current_time() - t0 < 0.05
+
+    trio.run(main)
+
+
 def test_the_default_spin_is_the_configs() -> None:
     from cusetpm.frontends.channel import DEFAULT_SPIN
     from cusetpm.tenants.config import DEFAULT_SPIN_US

@@ -109,8 +109,8 @@ def test_a_socket_backend_with_a_spin_answers_as_without() -> None:
     calls: list[int] = []
 
     class Counting(SpinWait):
-        def ready(self, fd: int) -> bool:
-            got = super().ready(fd)
+        def ready(self, fd: int, seconds: float | None = None) -> bool:
+            got = super().ready(fd, seconds)
             calls.append(got)
             return got
 
@@ -139,3 +139,39 @@ def test_may_wait_only_when_spinning_and_alone() -> None:
     assert not SpinWait(0.0).may_wait()
     alone[0] = False
     assert not SpinWait(1e-4, alone=lambda: alone[0]).may_wait()
+
+
+def test_the_spin_for_an_answer_lasts_about_as_long_as_its_command_took_last_time(
+    tpm: tuple[socket.socket, socket.socket],
+) -> None:
+    """budget: the spin's own time for a command never seen, or one quicker than that; 1.25
+    times its last answer's time and 20 µs for a slower one; none for one slower than the
+    cap.  awaiting/spin_until: when the answer a client alone waits for in trio is due, until
+    it comes (answered) or while the client is not alone."""
+    from cusetpm.backends.spin import SPIN_CAP
+
+    alone = [True]
+    spin = SpinWait(100e-6, alone=lambda: alone[0])
+    sign, rand, keygen = 0x15D, 0x17B, 0x131
+    assert spin.budget(sign) == 100e-6
+    spin.answered(rand, 20e-6)
+    spin.answered(sign, 300e-6)
+    spin.answered(keygen, SPIN_CAP)
+    assert spin.budget(rand) == 100e-6
+    assert spin.budget(sign) == pytest.approx(395e-6)
+    assert spin.budget(keygen) == 0.0
+    ours, theirs = tpm
+    theirs.send(b"answer")
+    assert spin.ready(ours.fileno(), spin.budget(keygen)) is False  # not even a look
+    assert spin.ready(ours.fileno(), spin.budget(sign)) is True
+    assert spin.spin_until() == 0.0
+    spin.awaiting(sign, 10.0)
+    assert spin.spin_until() == pytest.approx(10.0 + 395e-6)
+    alone[0] = False
+    assert spin.spin_until() == 0.0
+    alone[0] = True
+    spin.awaiting(keygen, 10.0)
+    assert spin.spin_until() == 0.0  # not worth spinning for
+    spin.awaiting(sign, 10.0)
+    spin.answered(sign, 310e-6)
+    assert spin.spin_until() == 0.0 and spin.took[sign] == 310e-6

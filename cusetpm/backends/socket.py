@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import socket
+import time
 
 import trio
 
@@ -112,9 +113,12 @@ class SocketBackend:
         self._timed_out = False
         #: Polls for the answer briefly before sleeping for it (``serve --spin-us``; .spin).
         self.spin_wait: SpinWait | None = None
-        #: The exchange :meth:`send_now` began: what is still to send, what came so far.
+        #: The exchange :meth:`send_now` began: what is still to send, what came so far,
+        #: its command code and when it was sent (for the spin's :meth:`SpinWait.answered`).
         self._out = b""
         self._in = b""
+        self._cc = 0
+        self._sent_at = 0.0
 
     async def connect(self) -> None:
         if self.unix is not None:
@@ -203,15 +207,21 @@ class SocketBackend:
             except BlockingIOError:
                 sent = 0
             self._out = framed[sent:]
-            if self._out or self.spin_wait is None or not self.spin_wait.ready(sock.fileno()):
+            spin = self.spin_wait
+            if spin is None:
                 return None
-            rsp = self._recv_now(sock)
+            self._cc, self._sent_at = be32(data, 6), time.perf_counter()
+            rsp = None
+            if not self._out and spin.ready(sock.fileno(), spin.budget(self._cc)):
+                rsp = self._recv_now(sock)
         except (OSError, EOFError) as exc:
             self._deadline = math.inf
             return self._lost(exc)
         if rsp is None:
+            spin.awaiting(self._cc, self._sent_at)
             return None
         self._deadline = math.inf
+        spin.answered(self._cc, time.perf_counter() - self._sent_at)
         return self._checked(rsp)
 
     def _recv_now(self, sock: socket.socket) -> bytes | None:
@@ -253,6 +263,9 @@ class SocketBackend:
                 # The late answer would desynchronize the stream: start a new connection.
                 self._drop()
                 return -errno.ETIME
+            if self.spin_wait is not None and self._sent_at:
+                self.spin_wait.answered(self._cc, time.perf_counter() - self._sent_at)
+                self._sent_at = 0.0
             return self._checked(rsp)
         except (OSError, EOFError, trio.ClosedResourceError) as exc:
             return self._lost(exc)

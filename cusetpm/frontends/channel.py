@@ -86,6 +86,8 @@ class ChannelWatch(Protocol):
 
     def forget(self, fd: int) -> None: ...
 
+    def spin_until(self) -> float: ...
+
 
 class DeviceOps(Protocol):
     """The device: makes a :class:`FileOps` per open()."""
@@ -109,6 +111,8 @@ class Channel:
         #: True while spinning would take CPU time from the TPM (set by ``--cpu``): the chip
         #: is busy and the managed swtpm runs on our CPU.  None: always spin.
         self.pause_spin: Callable[[], bool] | None = None
+        #: The backend's spin, which says until when an answer is due (it spins on to then).
+        self.watch: ChannelWatch | None = None
         self.files: dict[int, FileOps] = {}
         self.next_fh = 1
         #: unique -> the cancel scope of the task answering it, for FUSE_INTERRUPT.
@@ -220,6 +224,8 @@ class Channel:
         gets it (the kernel preempts the loop for the task it wakes).
         """
         deadline = time.perf_counter() + self.spin
+        if self.watch is not None:
+            deadline = max(deadline, self.watch.spin_until())
         pause = self.pause_spin
         while True:
             await trio.lowlevel.checkpoint()

@@ -154,6 +154,7 @@ async def serve_cuse(
     fd = os.open(CUSE_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     server = _Server(fd, device, name, spin)
     server.pause_spin = pause_spin
+    server.watch = watch
     if watch is not None:
         watch.watch(fd)
     try:

@@ -279,6 +279,7 @@ async def serve_fuse(
     os.makedirs(mountpoint, exist_ok=True)
     fd = await mount(mountpoint, options)
     fs.fd = fd
+    fs.watch = watch
     if watch is not None:
         watch.watch(fd)
     notify_send, notify_receive = trio.open_memory_channel[bytes](64)
