@@ -53,13 +53,11 @@ class DeviceBackend:
         self.path = path
         self.commands_sent = 0
         self._fd: int | None = None
-        #: The epoll the file waits in (see the module's docstring), registered once.
+        #: A kernel TPM device's epoll, registered once (see the module's docstring); None for
+        #: any other file.  Only a kernel TPM is ever written blocking.
         self._ep: select.epoll | None = None
         #: The file is O_NONBLOCK now (the flag is changed only when the way changes).
         self._nonblocking = True
-        #: The file is a kernel TPM device: a blocking write runs the command, with the
-        #: kernel's own time limit.
-        self.kernel_tpm = False
         #: The deadline of the exchange :meth:`send_now` began, from its start.
         self._timeout = 0.0
         #: Whether the loop may wait for a kernel TPM's answer in a blocking write: a client
@@ -75,7 +73,7 @@ class DeviceBackend:
 
     def _adopt(self, fd: int, kernel_tpm: bool) -> None:
         """Take ``fd`` (open O_NONBLOCK) as the device file; a kernel TPM's gets its epoll."""
-        self._fd, self._nonblocking, self.kernel_tpm = fd, True, kernel_tpm
+        self._fd, self._nonblocking = fd, True
         if kernel_tpm:
             self._ep = select.epoll()
             self._ep.register(fd, select.EPOLLIN | select.EPOLLET)

@@ -80,7 +80,8 @@ class FileOps(Protocol):
 
 class ChannelWatch(Protocol):
     """Told of each channel while it serves (the socket backends' spin, which a request
-    waiting on one ends: cusetpm.backends.spin)."""
+    waiting on one ends: cusetpm.backends.spin); and asked until when the request loop
+    should spin on for an answer that is due (``spin_until``, 0: none)."""
 
     def watch(self, fd: int) -> None: ...
 
