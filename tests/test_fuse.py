@@ -160,3 +160,65 @@ def test_mode_owner_and_group_decide_who_may_open_the_fuse_file(tmp_path, option
         unmount(mnt)
         os.rmdir(mnt)
         os.rmdir(base)
+
+
+def _loop_dies(tmp: str, when: str) -> None:
+    """Serve a node whose request loop raises ``when``; print how serve_fuse ended, and what
+    the client saw (run in a child, so that a hang is a timeout, not a stuck suite)."""
+    import pathlib
+    import sys
+
+    class Bug(RuntimeError):
+        pass
+
+    armed = [when == "start"]
+
+    class Watch:
+        def watch(self, fd: int) -> None:
+            pass
+
+        def forget(self, fd: int) -> None:
+            pass
+
+        def spin_until(self) -> float:
+            if armed[0]:
+                raise Bug("a bug in the request loop")
+            return 0.0
+
+    async def body(node) -> None:
+        armed[0] = True  # the loop dies once it has answered the client's open
+        client = [sys.executable, "-c", _CLIENT, str(pathlib.Path(tmp) / "mnt" / "tpmrm0")]
+        with trio.CancelScope(shield=True):  # the loop's death cancels us: hear the client out
+            with trio.move_on_after(10):
+                done = await trio.run_process(client, capture_stdout=True)
+                print("client:", done.stdout.decode().strip(), flush=True)
+        await trio.sleep_forever()
+
+    try:
+        serve_one_node(pathlib.Path(tmp), body, watch=Watch())
+    except BaseExceptionGroup as failed:
+        print("serve_fuse:", "Bug" if failed.subgroup(Bug) else repr(failed), flush=True)
+
+
+@pytest.mark.parametrize("when", ["start", "client"])
+def test_a_request_loop_that_dies_takes_serve_fuse_down_with_its_error(tmp_path, when):
+    """A bug that raises in the request loop ends serve_fuse with that error, and leaves no
+    mount and no client waiting, instead of hanging: the stat that checks the mount at start,
+    or a client's request, would wait for ever for a loop that is gone."""
+    import os
+    import subprocess
+    import sys
+
+    from cusetpm.testing.daemon import unmount
+
+    code = f"import test_fuse; test_fuse._loop_dies({str(tmp_path)!r}, {when!r})"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=os.path.dirname(__file__), capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+    finally:
+        unmount(tmp_path / "mnt")  # what a hang, killed, would leave
+    expected = ["serve_fuse: Bug"] if when == "start" else ["client: ECONNABORTED", "serve_fuse: Bug"]
+    assert done.stdout.splitlines() == expected, done.stderr[-2000:]
+    assert _mounts(str(tmp_path / "mnt")) == 0

@@ -295,9 +295,11 @@ async def serve_fuse(
 
             nursery.start_soon(loop_then_stop)
             nursery.start_soon(fs.notifier, notify_receive)
-            # The mount is live; make sure the kernel can see the files.
+            # The mount is live; make sure the kernel can see the files.  Abandoned if the loop
+            # dies meanwhile: nobody would answer the stat, and closing the channel ends it.
             for entry_name in list(fs.entries):
-                await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, entry_name.decode()))
+                path = os.path.join(mountpoint, entry_name.decode())
+                await trio.to_thread.run_sync(os.stat, path, abandon_on_cancel=True)
             task_status.started()
     finally:
         fs.mounted = False
