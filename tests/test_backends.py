@@ -494,11 +494,13 @@ def test_a_device_is_written_without_awaiting_and_answered_when_readable():
 
 def test_a_kernel_tpm_is_written_blocking_for_a_client_alone_and_else_waited_for_in_its_epoll():
     """On a kernel TPM device a command for a client alone is written without O_NONBLOCK (the
-    kernel's write runs it) and read at once.  For a client not alone the file is O_NONBLOCK
-    again, and answer() waits on the file's own epoll.  A stand-in plays the kernel's part
-    (the real one: the guest test below)."""
-    from cusetpm.backends.device import DeviceBackend
+    kernel's write runs it) and read at once, if it is known to be quick: its answer took at
+    most BLOCKING_CAP last time (learned either way), and it makes no key.  Any other command,
+    and any for a client not alone, is written O_NONBLOCK, and answer() waits on the file's own
+    epoll.  A stand-in plays the kernel's part (the real one: the guest test below)."""
+    from cusetpm.backends.device import BLOCKING_CAP, DeviceBackend
     from cusetpm.backends.spin import SpinWait
+    from cusetpm.testing.hostile import create_primary
 
     answer = bytes.fromhex("80010000000a00000000")
     alone = [True]
@@ -509,24 +511,37 @@ def test_a_kernel_tpm_is_written_blocking_for_a_client_alone_and_else_waited_for
         backend = DeviceBackend("/dev/tpm-test")
         backend._adopt(ours.detach(), kernel_tpm=True)
         fd = backend._fd
-        backend.spin_wait = SpinWait(1e-4, alone=lambda: alone[0])
+        spin = backend.spin_wait = SpinWait(1e-4, alone=lambda: alone[0])
 
-        def tpm() -> None:  # the kernel answers as its write ends; here the next read waits
-            assert theirs.recv(4096) == command
-            theirs.send(answer)
+        async def way(command: bytes) -> str:
+            """Which way ``command`` went; the stand-in answers it either way."""
+
+            def tpm() -> None:  # the kernel answers as its write ends, or as its work does
+                assert theirs.recv(4096) == command
+                theirs.send(answer)
+
+            kernel = threading.Thread(target=tpm)
+            kernel.start()
+            rsp = backend.send_now(command, 2)
+            blocking = os.get_blocking(fd)
+            if rsp is None:
+                rsp = await backend.answer()
+            kernel.join()
+            assert rsp == answer
+            return "blocking" if blocking else "epoll"
 
         command = get_random()
-        kernel = threading.Thread(target=tpm)
-        kernel.start()
-        assert backend.send_now(command, 2) == answer
-        kernel.join()
-        assert os.get_blocking(fd)
+        assert await way(command) == "epoll"  # never seen: its time is learned
+        assert 0 < spin.took[0x17B] < 1
+        assert await way(command) == "blocking"
         alone[0] = False
-        assert backend.send_now(command, 2) is None
-        assert not os.get_blocking(fd)
-        assert theirs.recv(4096) == command
-        theirs.send(answer)
-        assert await backend.answer() == answer
+        assert await way(command) == "epoll"
+        alone[0] = True
+        spin.took[0x17B] = BLOCKING_CAP * 1.5  # slow last time
+        assert await way(command) == "epoll"
+        assert spin.took[0x17B] < BLOCKING_CAP  # quick this time: blocking again next time
+        assert await way(command) == "blocking"
+        assert [await way(create_primary()) for _ in range(2)] == ["epoll", "epoll"]  # however quick
         theirs.close()
         await backend.aclose()
 
@@ -577,9 +592,18 @@ async def main():
     backend = DeviceBackend("/dev/tpm0")
     backend.open()
     fd = backend._fd
-    backend.spin_wait = SpinWait(1e-4)  # a client alone: the blocking way
-    rsp = backend.send_now(get_random(), 30)
-    out["alone"] = [rsp[6:10].hex() if isinstance(rsp, bytes) else rsp, os.get_blocking(fd)]
+    backend.spin_wait = SpinWait(1e-4)  # a client alone
+    out["alone"] = []
+    for command in (get_random(), get_random(), create_primary()):
+        rsp = backend.send_now(command, 30)
+        if rsp is None:  # the O_NONBLOCK way: never seen, or it may make a key
+            way, rsp = "epoll", await backend.answer()
+        else:
+            way = "blocking"
+        out["alone"].append([way, rsp[6:10].hex() if isinstance(rsp, bytes) else rsp, os.get_blocking(fd)])
+        if command[6:10] == create_primary()[6:10]:
+            assert backend.send_now(flush_context(be32(rsp, 10)), 30) is None
+            await backend.answer()
     backend.spin_wait = None  # the O_NONBLOCK way: the loop runs on while the TPM works
     ticks, done, waits = 0, False, []
 
@@ -615,7 +639,7 @@ print("DEVICE=" + json.dumps(out))
 def test_on_the_kernels_dev_tpm0_the_loop_runs_while_the_tpm_works(version, tmp_path):
     """On a real kernel's /dev/tpm0 (swtpm behind vtpm_proxy): /dev/tpm0 and /dev/tpmrm0 are
     kernel TPMs, /dev/null and /dev/cuse are not; a client alone's command is written
-    blocking and answered at once; and while an O_NONBLOCK command runs, the event loop
+    blocking and answered at once once its time is known, but a CreatePrimary never is; and while an O_NONBLOCK command runs, the event loop
     keeps running (waiting never touches the file, whose poll takes the mutex the kernel's
     async work holds for the whole command)."""
     import json
@@ -632,7 +656,7 @@ def test_on_the_kernels_dev_tpm0_the_loop_runs_while_the_tpm_works(version, tmp_
     assert line is not None, res.output[-3000:]
     out = json.loads(line[len("DEVICE=") :])
     assert out["kinds"] == {"/dev/tpm0": True, "/dev/tpmrm0": True, "/dev/null": False, "/dev/cuse": False}
-    assert out["alone"] == ["00000000", True]
+    assert out["alone"] == [["epoll", "00000000", False], ["blocking", "00000000", True], ["epoll", "00000000", False]]
     assert not out["blocking_after"]
     assert [w[2] for w in out["waits"]] == ["00000000"] * 5, out
     assert sum(w[0] for w in out["waits"]) >= 20, out  # the ticker ran while the TPM worked

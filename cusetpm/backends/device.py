@@ -19,10 +19,15 @@ letting go of the mutex.
 The blocking way is the fast one (no work-queue hop, no epoll): on a kernel TPM device, whose
 commands the kernel times out itself, a command :meth:`DeviceBackend.send_now` sends for a
 client alone on the chip (``serve --spin-us`` not 0) is written that way, and the loop waits
-in the write: nobody else needs it meanwhile.  Any other of its commands goes the O_NONBLOCK
-way and waits in trio on its epoll.  Any other file (a FUSE or CUSE node, a stand-in) is
-written O_NONBLOCK and waited for with trio's ``wait_readable``, as ever: such a file may
-never answer, or never wake its pollers (a CUSE device without poll).
+in the write: no other command needs it meanwhile.  But an open, a close or a poll of another
+file, or the control socket, would wait as long, so only a command known to be quick is
+written that way: one whose answer took at most :data:`BLOCKING_CAP` last time, and never one
+that may make a key (an RSA key can take a hardware TPM seconds).  Any other command goes the
+O_NONBLOCK way and waits in trio on its epoll; its answer's time is learned too.
+
+Any other file (a FUSE or CUSE node, a stand-in) is written O_NONBLOCK and waited for with
+trio's ``wait_readable``, as ever: such a file may never answer, or never wake its pollers (a
+CUSE device without poll).
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ import logging
 import os
 import select
 import stat
+import time
 
 import trio
+from tpm2_pytss.constants import TPM2_CC
 
 from ..kernel import wire
 from .base import BackendError
@@ -44,6 +51,12 @@ log = logging.getLogger(__name__)
 #: errnos that mean the device went away (the daemon then reconnects): the chip was
 #: unregistered (EPIPE from tpm_common_write), or the file is dead.
 _GONE = {errno.EPIPE, errno.ENODEV, errno.ENXIO, errno.EBADF, errno.ENOTCONN}
+#: The longest a command's answer may have taken last time for the next one to be written
+#: blocking (the loop waits that long in the write).  A TCG guest's GetRandom takes 1-3 ms.
+BLOCKING_CAP = 10e-3
+#: Commands that may make a key, which a hardware TPM may take seconds for (RSA): never
+#: written blocking, however quick the last one was (an ECC key, say).
+KEYGEN = frozenset(int(cc) for cc in (TPM2_CC.CreatePrimary, TPM2_CC.Create, TPM2_CC.CreateLoaded))
 
 
 class DeviceBackend:
@@ -61,8 +74,11 @@ class DeviceBackend:
         #: The deadline of the exchange :meth:`send_now` began, from its start.
         self._timeout = 0.0
         #: Whether the loop may wait for a kernel TPM's answer in a blocking write: a client
-        #: alone, ``serve --spin-us`` not 0 (.spin).  None: it never does.
+        #: alone, ``serve --spin-us`` not 0 (.spin); and how long each command code's answer
+        #: took last time (``SpinWait.took``).  None: it never does.
         self.spin_wait: SpinWait | None = None
+        #: The command code the O_NONBLOCK write sent, and when (its answer's time is learned).
+        self._sent = (0, 0.0)
 
     def open(self) -> None:
         try:
@@ -103,16 +119,28 @@ class DeviceBackend:
         assert fd is not None
         self._timeout = timeout
         spin = self.spin_wait
+        cc = int.from_bytes(data[6:10])
         try:
-            if ep is not None and spin is not None and spin.may_wait():
+            if ep is not None and spin is not None and self._quick(spin, cc) and spin.may_wait():
                 self._set_nonblocking(fd, False)
+                start = time.perf_counter()
                 os.write(fd, data)  # tpm_common_write runs the command
-                return os.read(fd, wire.TPM_BUFSIZE) or -errno.EIO
+                rsp = os.read(fd, wire.TPM_BUFSIZE) or -errno.EIO
+                spin.answered(cc, time.perf_counter() - start)
+                return rsp
             self._set_nonblocking(fd, True)
+            self._sent = (cc, time.perf_counter())
             os.write(fd, data)
         except OSError as exc:
             return self._failed(exc)
         return None
+
+    @staticmethod
+    def _quick(spin: SpinWait, cc: int) -> bool:
+        """May a command with code ``cc`` be written blocking?  Its answer took at most
+        :data:`BLOCKING_CAP` last time, and it makes no key (see the module's docstring)."""
+        took = spin.took.get(cc)
+        return took is not None and took <= BLOCKING_CAP and cc not in KEYGEN
 
     def _set_nonblocking(self, fd: int, on: bool) -> None:
         if self._nonblocking != on:
@@ -142,6 +170,7 @@ class DeviceBackend:
                         await trio.lowlevel.wait_readable(ep.fileno())
                         rsp = self._read_woken(fd, ep)
                         if rsp is not None:
+                            self._learn()
                             return rsp
                         continue
                     await trio.lowlevel.wait_readable(fd)
@@ -154,6 +183,12 @@ class DeviceBackend:
             return -errno.ETIME
         except OSError as exc:
             return self._failed(exc)
+
+    def _learn(self) -> None:
+        """A kernel TPM answered the O_NONBLOCK way: how long it took (the wake-up included)."""
+        if self.spin_wait is not None:
+            cc, sent_at = self._sent
+            self.spin_wait.answered(cc, time.perf_counter() - sent_at)
 
     def _failed(self, exc: OSError) -> int:
         log.warning("TPM device %s: %s", self.path, exc.strerror)
