@@ -45,3 +45,56 @@ def test_tpm2_tools_work_through_the_pyfuse3_directory(tmp_path):
         assert daemon.stop() == 0
     finally:
         unmount(mnt)
+
+
+def _main_dies(tmp: str) -> None:
+    """Serve a node with ``--fuse-lib pyfuse3`` whose loop fails at once (run in a child, so
+    that a hang is a timeout); print how serve_fuse ended."""
+    import functools
+    import pathlib
+
+    from cusetpm.backends import managed_swtpm
+    from cusetpm.daemon import Node, TpmChip
+    from cusetpm.frontends import fuse_pyfuse3
+    from cusetpm.kernel.profiles import PROFILES
+
+    class Bug(RuntimeError):
+        pass
+
+    async def broken_main(*args: object) -> None:
+        raise Bug("a bug in the request loop")
+
+    fuse_pyfuse3.pyfuse3.main = broken_main  # type: ignore[assignment]
+
+    async def main() -> None:
+        async with managed_swtpm(pathlib.Path(tmp) / "state") as backend:
+            chip = TpmChip(backend)
+            await chip.register()
+            node = Node(chip, PROFILES["6.12"])
+            async with trio.open_nursery() as nursery:
+                await nursery.start(chip.serve)
+                serve = functools.partial(fuse_pyfuse3.serve_fuse, node, str(pathlib.Path(tmp) / "mnt"))
+                await nursery.start(serve)
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as failed:
+        print("serve_fuse:", "Bug" if failed.subgroup(Bug) else repr(failed), flush=True)
+
+
+def test_a_loop_that_dies_while_the_node_starts_ends_serve_fuse_with_its_error(tmp_path):
+    """pyfuse3's loop failing before the mount check answered ends serve_fuse with that error
+    and leaves no mount, instead of hanging in the check's stat."""
+    import sys
+
+    from cusetpm.testing.daemon import unmount
+
+    code = f"import test_fuse_pyfuse3; test_fuse_pyfuse3._main_dies({str(tmp_path)!r})"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+    finally:
+        unmount(tmp_path / "mnt")  # what a hang, killed, would leave
+    assert done.stdout.splitlines() == ["serve_fuse: Bug"], done.stderr[-2000:]
+    with open("/proc/self/mounts") as mounts:
+        assert str(tmp_path / "mnt") not in mounts.read()

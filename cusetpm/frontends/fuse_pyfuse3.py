@@ -193,8 +193,10 @@ async def serve_fuse(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pyfuse3.main, 1, 10_000)
             # The mount is live once init() returns; make sure the kernel can see the files.
+            # Abandoned if pyfuse3's loop dies meanwhile: nobody would answer, and close() ends it.
             for entry_name in list(ops.entries):
-                await trio.to_thread.run_sync(os.stat, os.path.join(mountpoint, entry_name.decode()))
+                path = os.path.join(mountpoint, entry_name.decode())
+                await trio.to_thread.run_sync(os.stat, path, abandon_on_cancel=True)
             task_status.started()
     finally:
         ops.mounted = False
