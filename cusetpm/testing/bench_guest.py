@@ -19,6 +19,8 @@ And the floor of the goal, in the same rounds: :data:`C_CUSE_RELAY`, a CUSE devi
 of the kernel's own /dev/tpmrm0, and whose write() writes the command there (the kernel runs
 it in that write) and reads the response for read() to hand out.  It is the kernel's resource
 manager behind one CUSE hop with nothing else: what no CUSE node, in any language, can beat.
+And the same in Python (:mod:`.py_cuse_relay`: one thread, no trio, no resource manager), the
+least a CUSE daemon in Python costs.
 
 Guest side: ``python -m cusetpm.testing.bench_guest`` (after the rig's swtpm prelude) prints
 one JSON line.  Host side: :func:`guest_figure` boots the guest and parses that line.
@@ -49,6 +51,9 @@ PATHS = ("kernel", "node")
 RELAY_PATH = "relay"
 #: The C relay's device name, /dev/NAME.
 RELAY_NAME = "cusetpm-crelay"
+#: The Python relay (:mod:`.py_cuse_relay`, the Python floor): its path and device name.
+PY_RELAY_PATH = "pyrelay"
+PY_RELAY_NAME = "cusetpm-pyrelay"
 #: Marks the guest's result line among whatever else the command prints.
 KEY = "cusetpm_bench_guest"
 
@@ -270,14 +275,17 @@ def run(args: argparse.Namespace, result: dict) -> None:
         served = start_serve(serve, log_path=log, timeout=args.start_timeout)
         result["node_start_s"] = round(time.monotonic() - t, 1)
         paths: dict[str, _Path] = {}
-        relay: subprocess.Popen | None = None
+        relays: dict[str, subprocess.Popen] = {}
         try:
-            # Both open at once; each answers before anything is timed.
+            # All open at once; each answers before anything is timed.
             paths["kernel"] = _Path("/dev/tpmrm0")
             paths["node"] = _Path(str(served.node))
             if args.c_relay:
-                relay = _start_relay(args.c_relay, Path(tmp) / "relay.log")
+                relays[RELAY_PATH] = _start_relay([args.c_relay], RELAY_NAME, Path(tmp) / "relay.log")
                 paths[RELAY_PATH] = _Path(f"/dev/{RELAY_NAME}")
+            py_relay = [sys.executable, "-m", "cusetpm.testing.py_cuse_relay"]
+            relays[PY_RELAY_PATH] = _start_relay(py_relay, PY_RELAY_NAME, Path(tmp) / "py-relay.log")
+            paths[PY_RELAY_PATH] = _Path(f"/dev/{PY_RELAY_NAME}")
             for p in paths.values():
                 _call(p.empty, GET_RANDOM_16)
             result["handles"] = {name: f"0x{p.handle:08x}" for name, p in paths.items()}
@@ -285,26 +293,27 @@ def run(args: argparse.Namespace, result: dict) -> None:
         finally:
             for p in paths.values():
                 p.close()
-            if relay is not None:
+            for name, relay in relays.items():
                 relay.terminate()
-                result["relay_exit"] = relay.wait(10)
+                result[f"{name}_exit"] = relay.wait(10)
             rc = served.stop()
             result["node_exit"] = rc
         if rc != 0 and not result.get("error"):
             result["error"] = f"cusetpm serve exited with status {rc}: {served.log()[-2000:]}"
-        if result.get("relay_exit") not in (None, 0) and not result.get("error"):
-            result["error"] = f"the C relay exited with status {result['relay_exit']}"
+        for name, what in ((RELAY_PATH, "the C relay"), (PY_RELAY_PATH, "the Python relay")):
+            if result.get(f"{name}_exit") not in (None, 0) and not result.get("error"):
+                result["error"] = f"{what} exited with status {result[f'{name}_exit']}"
 
 
-def _start_relay(binary: str, log: Path) -> subprocess.Popen:
-    """Start the C relay on /dev/tpmrm0 and wait for its device."""
-    dev = f"/dev/{RELAY_NAME}"
-    proc = subprocess.Popen([binary, RELAY_NAME, "/dev/tpmrm0"], stdin=subprocess.DEVNULL, stderr=log.open("w"))
+def _start_relay(argv: list[str], name: str, log: Path) -> subprocess.Popen:
+    """Start a relay (``argv DEVNAME /dev/tpmrm0``) and wait for its device, /dev/``name``."""
+    dev = f"/dev/{name}"
+    proc = subprocess.Popen([*argv, name, "/dev/tpmrm0"], stdin=subprocess.DEVNULL, stderr=log.open("w"))
     deadline = time.monotonic() + 30
     while not os.path.exists(dev):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"the C relay did not serve {dev}: {log.read_text(errors='replace')[-500:]}")
+            raise RuntimeError(f"{argv[-1]} did not serve {dev}: {log.read_text(errors='replace')[-500:]}")
         time.sleep(0.05)
     return proc
 

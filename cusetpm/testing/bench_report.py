@@ -10,7 +10,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bench_floor import FLOOR_GOAL, Floor
-from .bench_guest import DEFAULT_NAME, GUEST_GOAL, PATHS, RELAY_NAME, RELAY_PATH, ROWS, GuestFigure
+from .bench_guest import (
+    DEFAULT_NAME,
+    GUEST_GOAL,
+    PATHS,
+    PY_RELAY_NAME,
+    PY_RELAY_PATH,
+    RELAY_NAME,
+    RELAY_PATH,
+    ROWS,
+    GuestFigure,
+)
 from .bench_limits import BackendCost, cycle_commands
 from .bench_load import FAIRNESS_GOAL, FILE_KIB_GOAL, THROUGHPUT_GOAL, FilesFigure, LoadFigure
 from .bench_paths import OPS, Route
@@ -162,6 +172,8 @@ def report_turns(paths: list[TurnsPath]) -> list[str]:
 
 
 GUEST_TITLE = "CUSE node against the kernel's /dev/tpmrm0"
+#: The guest figure's floors, each a relay on the kernel's own /dev/tpmrm0: its path, its column.
+GUEST_RELAYS = {RELAY_PATH: "C CUSE relay", PY_RELAY_PATH: "Python CUSE relay"}
 
 
 def report_guest(fig: GuestFigure) -> list[str]:
@@ -172,17 +184,12 @@ def report_guest(fig: GuestFigure) -> list[str]:
     if fig.skipped:
         return [f"{head}: not measured: {fig.skipped}"]
     out = []
-    relay = all(fig.median(row, RELAY_PATH) is not None for row in ROWS)
-    paths = [*PATHS, RELAY_PATH] if relay else list(PATHS)
+    relays = {p: what for p, what in GUEST_RELAYS.items() if all(fig.median(row, p) is not None for row in ROWS)}
+    paths = [*PATHS, *relays]
     if all(fig.median(row, p) is not None for row in ROWS for p in PATHS):
-        cols = [
-            ["/dev/tpmrm0", *(ratio(fig.median(row, "kernel"), None) for row in ROWS)],
-            [f"/dev/{DEFAULT_NAME}", *(ratio(fig.median(row, "node"), fig.median(row, "kernel")) for row in ROWS)],
-        ]
-        if relay:
-            cols.append(
-                ["C CUSE relay", *(ratio(fig.median(row, RELAY_PATH), fig.median(row, "kernel")) for row in ROWS)]
-            )
+        cols = [["/dev/tpmrm0", *(ratio(fig.median(row, "kernel"), None) for row in ROWS)]]
+        for p, what in {"node": f"/dev/{DEFAULT_NAME}", **relays}.items():
+            cols.append([what, *(ratio(fig.median(row, p), fig.median(row, "kernel")) for row in ROWS)])
         out += grid("µs per command in the guest (TCG; x kernel)", list(ROWS), cols)
         for p in paths:
             spread = ", ".join(f"{min(b):.0f}-{max(b):.0f}" for row in ROWS if (b := fig.batches[row][p]))
@@ -195,12 +202,14 @@ def report_guest(fig: GuestFigure) -> list[str]:
     else:
         detail = ", ".join(f"{op} {x:.2f}x" for op, x in got)
         out.append(f"{goal}: {label}: {met(all(x <= GUEST_GOAL for _, x in got))} ({detail})")
-    if relay:
-        floor = ", ".join(f"{_op(row)} {fig.ratio(row, RELAY_PATH):.2f}x" for row in ROWS)
-        over = ", ".join(f"{_op(row)} {fig.ratio(row, 'node', RELAY_PATH):.2f}x" for row in ROWS)
-        out.append(f"The floor, a C CUSE relay on the kernel's own /dev/tpmrm0: {floor} the kernel; the node {over} it")
-    elif not fig.error:
-        out.append(f"The floor, a C CUSE relay: not measured: {fig.relay_skipped or 'the guest did not run it'}")
+    for p, what in GUEST_RELAYS.items():
+        if p in relays:
+            floor = ", ".join(f"{_op(row)} {fig.ratio(row, p):.2f}x" for row in ROWS)
+            over = ", ".join(f"{_op(row)} {fig.ratio(row, 'node', p):.2f}x" for row in ROWS)
+            out.append(f"The floor, a {what} on the kernel's own /dev/tpmrm0: {floor} the kernel; the node {over} it")
+        elif not fig.error:
+            why = fig.relay_skipped if p == RELAY_PATH else None
+            out.append(f"The floor, a {what}: not measured: {why or 'the guest did not run it'}")
     if not fig.error:
         out.append(textwrap.fill(how_guest(fig), width=96, break_on_hyphens=False))
     return out
@@ -218,9 +227,10 @@ def how_guest(fig: GuestFigure) -> str:
         f"How measured (guest): one Debian {fig.release or fig.kernel} guest under qemu TCG, one swtpm "
         "behind vtpm_proxy; the kernel's resource manager on /dev/tpmrm0, and `cusetpm serve --cuse "
         f"{DEFAULT_NAME} --tcti device:/dev/tpm0 --kernel {fig.kernel}` on the same chip through the "
-        f"kernel's raw /dev/tpm0{start}; both open at once (the node holds /dev/tpm0, which /dev/tpmrm0 "
+        f"kernel's raw /dev/tpm0{start}; all open at once (the node holds /dev/tpm0, which /dev/tpmrm0 "
         "does not need), nothing restarted between rounds; and the C CUSE relay (bench_guest.C_CUSE_RELAY, "
-        f"/dev/{RELAY_NAME}), every open of it an open of /dev/tpmrm0, where each write() runs its command.  "
+        f"/dev/{RELAY_NAME}), every open of it an open of /dev/tpmrm0, where each write() runs its command, "
+        f"and the same in Python, one thread, no trio (py_cuse_relay, /dev/{PY_RELAY_NAME}).  "
         "One client process, raw os.write/os.read "
         "on an O_RDWR fd; per path one file with nothing loaded (GetRandom(16)) and one holding an "
         f"ECC P-256 primary ({'/'.join(handles)}) for ReadPublic, so each resource manager loads, saves "
