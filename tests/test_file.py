@@ -433,3 +433,44 @@ async def test_an_o_nonblock_command_runs_in_the_request_loop_while_nobody_else_
     response = f.try_read(4096)
     assert response is not None and rc(response) == 0 and len(response) == 20
     await f.release()
+
+
+@with_device()
+async def test_a_watched_nodes_commands_run_in_the_request_loop_and_are_counted_once(dev):
+    """A node whose commands are watched (metrics here; a tenant or an audit trail alike) takes
+    the request loop's path too, and what watches is told of each command once, whichever way
+    it ran: in the loop (O_NONBLOCK or blocking), or in the worker while the chip was busy."""
+    from cusetpm.backends.spin import SpinWait
+    from cusetpm.daemon.metrics import Metrics
+
+    dev.chip.backend.spin_wait = SpinWait(5.0)  # swtpm answers long before
+    await trio.sleep(0.01)  # the backend's watch starts
+    dev.metrics = Metrics(dev.chip, [dev])
+    assert dev.observed
+
+    def counted() -> tuple[float | None, float | None]:
+        labels = {"node": dev.name, "command": "GetRandom", "outcome": "success"}
+        sample = dev.metrics.registry.get_sample_value
+        backend = sample("cusetpm_node_backend_commands_total", {"node": dev.name})
+        return sample("cusetpm_commands_total", labels), backend
+
+    f = dev.open()
+    data = get_random(8)
+    assert f.try_write(data, True) == len(data)
+    f.after_reply()
+    assert f.lock.value == 1 and f.try_poll(None) == POLL_IN  # ended in the loop
+    assert counted() == (1.0, 1.0)
+    assert f.try_read(4096) is not None
+    got: list[object] = []
+    assert f.write_after_work(data, got.append) is True and got == [len(data)]
+    assert counted() == (2.0, 2.0)
+    assert f.try_read(4096) is not None
+    async with dev.chip.lock:  # busy: the command goes to the worker
+        assert f.try_write(data, True) == len(data)
+        f.after_reply()
+        assert counted() == (2.0, 2.0)
+    with trio.fail_after(10):
+        await f._work_done.wait()
+    assert counted() == (3.0, 3.0)
+    await f.release()
+    dev.metrics.close()

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 #: A blocking write the worker (or the request loop) runs: its bytes and its reply.
 Blocking = tuple[bytes, Callable[[int | OSError], None]]
+#: A watched command (Node.observed) as it began: its bytes, trio's clock, the wall clock, and the
+#: backend's command count.
+_Watch = tuple[bytes, float, float, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +101,28 @@ class DeviceFile:
 
     async def _run(self, command: bytes) -> int:
         """The command through the core to the TPM; then what watches commands is told."""
-        node = self.node
-        if not node.observed:
+        if not self.node.observed:
             return await self._transmit()
-        start, wall, sent = trio.current_time(), time.time(), self.chip.backend.commands_sent
+        watch = self._watch(command)
         result = await self._transmit()
-        node.command_done(self, command, result, trio.current_time() - start, wall,
-                          self.chip.backend.commands_sent - sent)  # fmt: skip
+        self._watched(watch, result)
         return result
+
+    def _watch(self, command: bytes) -> _Watch:
+        """A watched command begins (Node.observed): what :meth:`_watched` will need."""
+        return command, trio.current_time(), time.time(), self.chip.backend.commands_sent
+
+    def _watched(self, watch: _Watch, result: int) -> None:
+        """The watched command ended with ``result``: the node tells what watches it."""
+        command, start, wall, sent = watch
+        self.node.command_done(self, command, result, trio.current_time() - start, wall,
+                               self.chip.backend.commands_sent - sent)  # fmt: skip
+
+    def _held_command(self) -> bytes:
+        """The accepted command in the file's buffer, as what watches it needs it: all of it
+        for the audit trail, else its header (the metrics' command code)."""
+        size = wire.be32(self.state.buf, 2) if self.node.audited else wire.TPM_HEADER_SIZE
+        return bytes(self.state.buf[: min(size, len(self.state.buf))])
 
     async def write(self, data: bytes, nonblock: bool) -> int:
         """tpm_common_write()."""
@@ -177,14 +194,17 @@ class DeviceFile:
         the worker.  False, having done nothing, when it cannot start here.  ``blocking``: a
         blocking write's bytes and reply (:meth:`write_after_work`), else an O_NONBLOCK one."""
         node, chip = self.node, self.chip
-        if node.bucket is not None or node.observed or not chip.usable_by(self) or not chip.may_start_inline():
+        if node.bucket is not None or not chip.usable_by(self) or not chip.may_start_inline():
             return False
+        watch = self._watch(self._held_command()) if node.observed else None
         try:
             out = chip.start_inline(tpm_dev_transmit(node.core, self.state.space, self.state.buf), node.core, self)
         except Exception:
             log.exception("a command failed")
-            out = -errno.EIO
+            out, watch = -errno.EIO, None  # told of no command, as when _run raises
         if isinstance(out, int):
+            if watch is not None:
+                self._watched(watch, out)
             self._command_over(out, blocking)
             self.lock.release()
             if blocking is None:  # the kernel's blocking write wakes nobody
@@ -193,7 +213,7 @@ class DeviceFile:
         self._work_done = trio.Event()
         self._after_work = []
         rest = out
-        self.chip.queue_work(lambda: self._finish(rest, blocking))
+        self.chip.queue_work(lambda: self._finish(rest, blocking, watch))
         return True
 
     def _command_over(self, result: int, blocking: Blocking | None) -> None:
@@ -211,7 +231,8 @@ class DeviceFile:
             size = e
         reply(size)
 
-    async def _finish(self, rest: Callable[[], Awaitable[int]], blocking: Blocking | None) -> None:
+    async def _finish(self, rest: Callable[[], Awaitable[int]], blocking: Blocking | None,
+                      watch: _Watch | None) -> None:  # fmt: skip
         """The worker's half of a command :meth:`_run_inline` began."""
         assert self._work_done is not None
         done, finished = self._work_done, False
@@ -221,6 +242,9 @@ class DeviceFile:
             except Exception:
                 log.exception("a command failed")
                 result = -errno.EIO
+            else:
+                if watch is not None:
+                    self._watched(watch, result)
             self._command_over(result, blocking)
             finished = True
         finally:
@@ -341,8 +365,7 @@ class DeviceFile:
                 self.state.async_chip_gone()
             else:
                 await self.node.throttle()
-                size = wire.be32(self.state.buf, 2) if self.node.audited else wire.TPM_HEADER_SIZE
-                result = await self._run(bytes(self.state.buf[: min(size, len(self.state.buf))]))
+                result = await self._run(self._held_command())
                 self.state.async_finished(result, trio.current_time())
                 self._arm_timer()
             finished = True
