@@ -8,13 +8,15 @@ import pytest
 import trio
 
 
-def serve_one_node(tmp_path, body, **serve_kw) -> None:
-    """A node on a managed swtpm, its FUSE file served in ``tmp_path/mnt`` (``serve_kw``: more
-    of serve_fuse's arguments), while ``body(node)`` runs."""
+def serve_one_node(tmp_path, body, serve_fuse=None, **serve_kw) -> None:
+    """A node on a managed swtpm, its FUSE file served in ``tmp_path/mnt`` (by ``serve_fuse``,
+    the channel's by default; ``serve_kw``: more of its arguments), while ``body(node)`` runs."""
     from cusetpm.backends import managed_swtpm
     from cusetpm.daemon import Node, TpmChip
-    from cusetpm.frontends.fuse import serve_fuse
+    from cusetpm.frontends import fuse
     from cusetpm.kernel.profiles import PROFILES
+
+    serve_fuse = serve_fuse or fuse.serve_fuse
 
     async def main() -> None:
         async with managed_swtpm(tmp_path / "state") as backend:

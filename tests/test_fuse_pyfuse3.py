@@ -50,13 +50,11 @@ def test_tpm2_tools_work_through_the_pyfuse3_directory(tmp_path):
 def _main_dies(tmp: str) -> None:
     """Serve a node with ``--fuse-lib pyfuse3`` whose loop fails at once (run in a child, so
     that a hang is a timeout); print how serve_fuse ended."""
-    import functools
     import pathlib
 
-    from cusetpm.backends import managed_swtpm
-    from cusetpm.daemon import Node, TpmChip
+    from test_fuse import serve_one_node
+
     from cusetpm.frontends import fuse_pyfuse3
-    from cusetpm.kernel.profiles import PROFILES
 
     class Bug(RuntimeError):
         pass
@@ -66,18 +64,11 @@ def _main_dies(tmp: str) -> None:
 
     fuse_pyfuse3.pyfuse3.main = broken_main  # type: ignore[assignment]
 
-    async def main() -> None:
-        async with managed_swtpm(pathlib.Path(tmp) / "state") as backend:
-            chip = TpmChip(backend)
-            await chip.register()
-            node = Node(chip, PROFILES["6.12"])
-            async with trio.open_nursery() as nursery:
-                await nursery.start(chip.serve)
-                serve = functools.partial(fuse_pyfuse3.serve_fuse, node, str(pathlib.Path(tmp) / "mnt"))
-                await nursery.start(serve)
+    async def body(node: object) -> None:
+        raise AssertionError("serve_fuse started")
 
     try:
-        trio.run(main)
+        serve_one_node(pathlib.Path(tmp), body, serve_fuse=fuse_pyfuse3.serve_fuse)
     except BaseExceptionGroup as failed:
         print("serve_fuse:", "Bug" if failed.subgroup(Bug) else repr(failed), flush=True)
 
