@@ -474,3 +474,35 @@ async def test_a_watched_nodes_commands_run_in_the_request_loop_and_are_counted_
     assert counted() == (3.0, 3.0)
     await f.release()
     dev.metrics.close()
+
+
+@with_device()
+async def test_a_rate_limited_nodes_commands_run_in_the_request_loop_while_within_the_rate(dev):
+    """commands_per_second: a command within the rate runs in the request loop and takes its
+    token there; one over the rate goes to the worker, which waits its turn (Node.throttle),
+    as every command of such a node used to."""
+    from cusetpm.backends.spin import SpinWait
+    from cusetpm.tenants.rate import TokenBucket
+
+    dev.chip.backend.spin_wait = SpinWait(5.0)  # swtpm answers long before
+    await trio.sleep(0.01)  # the backend's watch starts
+    dev.bucket = TokenBucket(10, burst=2)
+    f = dev.open()
+    data = get_random(8)
+    assert f.try_write(data, True) == len(data)
+    f.after_reply()
+    assert f.lock.value == 1 and f.try_poll(None) == POLL_IN  # ended in the loop
+    assert f.try_read(4096) is not None
+    got: list[object] = []
+    assert f.write_after_work(data, got.append) is True and got == [len(data)]  # blocking, the same
+    assert f.try_read(4096) is not None
+    assert dev.bucket.tokens < 1.0  # the burst is spent
+    start = trio.current_time()
+    assert f.try_write(data, True) == len(data)
+    f.after_reply()
+    assert f.lock.value == 0  # the worker holds it, waiting for a token
+    with trio.fail_after(10):
+        await f._work_done.wait()
+    assert trio.current_time() - start >= 0.08  # a token comes every 0.1 s
+    assert f.try_poll(None) == POLL_IN and f.try_read(4096) is not None
+    await f.release()

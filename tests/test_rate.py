@@ -33,3 +33,13 @@ def test_an_idle_bucket_refills_only_to_its_burst() -> None:
 def test_a_rate_must_be_positive() -> None:
     with pytest.raises(ValueError):
         TokenBucket(0)
+
+
+def test_take_now_takes_a_token_only_when_the_command_need_not_wait() -> None:
+    b = TokenBucket(10, burst=2)
+    assert b.take_now(0.0) and b.take_now(0.0)
+    assert not b.take_now(0.0) and not b.take_now(0.05)  # nothing taken: half a token by then
+    assert b.take_now(0.1)  # a whole one
+    assert b.delay(0.1) == pytest.approx(0.1)  # the next waits its turn, as before
+    assert not b.take_now(0.15)  # a reserved wait is not jumped
+    assert b.take_now(0.31)  # its turn (0.2) has passed, and a token since

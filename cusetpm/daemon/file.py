@@ -194,8 +194,10 @@ class DeviceFile:
         the worker.  False, having done nothing, when it cannot start here.  ``blocking``: a
         blocking write's bytes and reply (:meth:`write_after_work`), else an O_NONBLOCK one."""
         node, chip = self.node, self.chip
-        if node.bucket is not None or not chip.usable_by(self) or not chip.may_start_inline():
+        if not chip.usable_by(self) or not chip.may_start_inline():
             return False
+        if node.bucket is not None and not node.bucket.take_now(trio.current_time()):
+            return False  # over the tenant's rate: the worker waits its turn (Node.throttle)
         watch = self._watch(self._held_command()) if node.observed else None
         try:
             out = chip.start_inline(tpm_dev_transmit(node.core, self.state.space, self.state.buf), node.core, self)

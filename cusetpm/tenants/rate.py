@@ -24,8 +24,22 @@ class TokenBucket:
 
     def delay(self, now: float) -> float:
         """Take one token; the seconds to wait before using it (0: go now)."""
+        self._refill(now)
+        self.tokens -= 1.0
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def take_now(self, now: float) -> bool:
+        """Take one token if the command may go now (what :meth:`delay` would answer 0 for);
+        False, having taken nothing, if it would have to wait.  The request loop runs a
+        command only if it need not wait; one that must is left to :meth:`delay`."""
+        self._refill(now)
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def _refill(self, now: float) -> None:
+        """The tokens earned since the last call, up to the burst."""
         if self.last is not None:
             self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
         self.last = now
-        self.tokens -= 1.0
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
