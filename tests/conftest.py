@@ -185,6 +185,20 @@ def _start(
     return d
 
 
+def _stop_all(started: list[Daemon]) -> None:
+    """A factory fixture's teardown: stop every daemon it started, each must have stopped
+    cleanly, and the test's own swtpms go too."""
+    try:
+        for d in started:
+            d.stop()
+        for d in started:
+            d.assert_stopped_cleanly()
+    finally:
+        for d in started:
+            if d.mux is not None:
+                d.mux.close()
+
+
 StartDaemon = Callable[..., Daemon]
 
 
@@ -199,15 +213,7 @@ def daemon(tmp_path: Path) -> Iterator[StartDaemon]:
         return _start(tmp_path / f"daemon{len(started)}", kernel, extra_args, inspectable, verbose, started)
 
     yield start
-    try:
-        for d in started:
-            d.stop()
-        for d in started:
-            d.assert_stopped_cleanly()
-    finally:
-        for d in started:
-            if d.mux is not None:
-                d.mux.close()
+    _stop_all(started)
 
 
 @dataclass
@@ -259,32 +265,36 @@ pcrs = [23]
 
 @pytest.fixture
 def tenants(tmp_path: Path) -> Iterator[StartTenants]:
-    """Factory: ``start(nodes_toml, extra_toml="", extra_args=())``: a daemon serving the
-    [[node]] tables given, as FUSE files in one directory, on its own managed swtpm."""
+    """Factory: ``start(nodes_toml, extra_toml="", extra_args=(), inspectable=False)``: a daemon
+    serving the [[node]] tables given, as FUSE files in one directory, on its own managed swtpm
+    (``inspectable``: on the test's own, behind a multiplexer, as ``daemon``'s)."""
     started: list[Daemon] = []
 
-    def start(nodes_toml: str, extra_toml: str = "", extra_args: Sequence[str] = ()) -> Tenants:
+    def start(
+        nodes_toml: str, extra_toml: str = "", extra_args: Sequence[str] = (), *, inspectable: bool = False
+    ) -> Tenants:
         base = tmp_path / f"tenants{len(started)}"
         base.mkdir(parents=True)
         mount, state = base / "mnt", base / "state"
         config = base / "cusetpm.toml"
-        config.write_text(
-            f'[tpm]\nstate_dir = "{state}"\n\n[front]\nnode = "fuse"\nfuse_dir = "{mount}"\n\n{extra_toml}\n{nodes_toml}'
-        )
+        mux = SwtpmMux(base / "swtpm") if inspectable else None  # as daemon(inspectable=True)
+        tpm = f'tcti = "swtpm:host=127.0.0.1,port={mux.port}"' if mux is not None else f'state_dir = "{state}"'
+        config.write_text(f'[tpm]\n{tpm}\n\n[front]\nnode = "fuse"\nfuse_dir = "{mount}"\n\n{extra_toml}\n{nodes_toml}')
         try:
             served = start_serve(["--config", str(config), "-v", *extra_args], log_path=base / "daemon.log",
                                  mount=mount, cwd=REPO, timeout=START_TIMEOUT)  # fmt: skip
         except DaemonError as exc:
             _kill_swtpms(state)
+            if mux is not None:
+                mux.close()
             pytest.fail(str(exc))
         names = [n["name"] for n in tomllib.loads(config.read_text())["node"]]
-        d = Daemon(served, mount, served.node, state, "6.12")
+        d = Daemon(served, mount, served.node, state, "6.12", mux=mux)
         started.append(d)
         return Tenants(d, config, {name: mount / name for name in names})
 
     yield start
-    for d in started:
-        d.assert_stopped_cleanly()
+    _stop_all(started)
 
 
 @dataclass

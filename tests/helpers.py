@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import subprocess
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -203,3 +204,21 @@ class SyncFile:
         from cusetpm.kernel.tpm_dev_common import release_space
 
         self.raw.run(release_space(self.chip, self.state.space))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now (for --metrics)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The daemon's Prometheus metrics on ``port``: each sample's name with labels -> value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out

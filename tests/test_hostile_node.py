@@ -7,6 +7,9 @@ the kernel gives or a well-formed TPM response; afterwards the daemon is alive, 
 key signs and its session answers, and once both files close the backend's handles are at
 baseline.
 
+The same through a tenant node (its default policy, an audit trail and a rate): its commands
+are watched and rationed, so they take both the request loop's path and the worker's.
+
 A hostile file is closed and a new one opened every 50 mutants; mutants that would hurt the
 bystander on Linux too are not sent (:func:`cusetpm.testing.hostile.harmless_to_others`).
 N is ``CUSETPM_HOSTILE_N``: the issue's 10^4 per kernel by default (about 8 s each here),
@@ -16,14 +19,16 @@ N is ``CUSETPM_HOSTILE_N``: the issue's 10^4 per kernel by default (about 8 s ea
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 import select
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import settled_backend_handles, swtpm_backend_handles
+from conftest import Daemon, settled_backend_handles, swtpm_backend_handles
 from cusetpm.kernel import wire
 from cusetpm.kernel.wire import be32, command, u32
 from cusetpm.testing.hostile import (
@@ -41,6 +46,7 @@ from cusetpm.testing.hostile import (
     sign,
     start_auth_session,
 )
+from helpers import free_port, scrape
 from helpers import transact as cmd
 
 N = int(os.environ.get("CUSETPM_HOSTILE_N", "10000"))
@@ -51,8 +57,13 @@ REOPEN = 50
 CHECK_EVERY = int(os.environ.get("CUSETPM_HOSTILE_CHECK_EVERY", "500"))
 
 
+#: TPM responses the files of :func:`send_mutants` got, the bystander's (:func:`ok`) too.
+answered = collections.Counter[str]()
+
+
 def ok(fd: int, data: bytes) -> bytes:
     rsp = cmd(fd, data)
+    answered["ok"] += 1
     assert be32(rsp, 6) == 0, f"{data.hex()}: rc {be32(rsp, 6):#x}"
     return rsp
 
@@ -90,22 +101,52 @@ GLOBAL_LAZY = (*LAZY, "--sessions", "global")
 )
 def test_mutated_commands_through_a_live_node(daemon, kernel, extra):
     d = daemon(kernel, extra_args=extra, inspectable=True, verbose=False)
+    send_mutants(d, d.node, f"{kernel}{' '.join(('',) + extra)}", kernel == "6.1")
+
+
+#: A tenant whose every command is watched (a policy, an audit trail) and rationed
+#: (``commands_per_second``): its commands run in the request loop while within the rate, and
+#: in the worker, waiting their turn, once over it.
+TENANT = """
+[[node]]
+name = "hostile"
+commands_per_second = 1000
+audit = "{audit}"
+"""
+
+
+def test_mutated_commands_through_a_watched_rate_limited_tenant_node(tenants, tmp_path):
+    """The same through a tenant node; and its audit trail has one line per command answered
+    with a response, each well-formed JSON, and some commands waited for their turn."""
+    audit, port = tmp_path / "audit.jsonl", free_port()
+    t = tenants(TENANT.format(audit=audit), f'[metrics]\nlisten = "127.0.0.1:{port}"\n', inspectable=True)
+    answered = send_mutants(t.daemon, t.nodes["hostile"], "6.12 tenant", False)
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert sum(1 for e in lines if e["rc"] is not None) == answered
+    assert all(e["node"] == "hostile" for e in lines)
+    assert scrape(port)['cusetpm_rate_waits_total{node="hostile"}'] > 0
+
+
+def send_mutants(d: Daemon, node: Path, label: str, other_seed: bool) -> int:
+    """N mutants through ``node``, and every check of the module's docstring; the number of
+    TPM responses every file got (bystander's too)."""
+    answered.clear()
     baseline = settled_backend_handles(d)
     assert baseline.transient == [] and baseline.loaded_sessions == [] and baseline.saved_sessions == []
 
-    bystander = os.open(d.node, os.O_RDWR)
+    bystander = os.open(node, os.O_RDWR)
     key = be32(ok(bystander, create_primary()), 10)
     session = be32(ok(bystander, start_auth_session(policy=True)), 10)
     check_bystander(bystander, key, session)
 
     pools = Pools()
     pools.handles += [key, session]
-    rng = random.Random(SEED + (kernel == "6.1"))
+    rng = random.Random(SEED + other_seed)
     outcomes: collections.Counter[str] = collections.Counter()
     self_saved: set[int] = set()
     failures: list[str] = []
     nonblock = False  # every other hostile file is O_NONBLOCK: the async worker's path
-    fd = os.open(d.node, os.O_RDWR)
+    fd = os.open(node, os.O_RDWR)
     start = time.monotonic()
     i = -1
     while i < N - 1:  # N mutants sent; those left out are counted apart
@@ -139,6 +180,7 @@ def test_mutated_commands_through_a_live_node(daemon, kernel, extra):
                 failures.append(f"write of {data.hex()}: wrote {written}, read {rsp.hex()}: {response_problem(rsp)}")
             else:
                 outcomes["TPM response" if be32(rsp, 6) else "TPM response, success"] += 1
+                answered["hostile"] += 1
                 if foreign := foreign_handles(data, rsp, {0x80FFFFFF, 0x80FFFFFE, 0x80FFFFFD}):
                     failures.append(f"{data.hex()} lists handles of another space: {foreign}")
                 pools.learn(data, rsp)
@@ -147,7 +189,7 @@ def test_mutated_commands_through_a_live_node(daemon, kernel, extra):
         if i % REOPEN == REOPEN - 1:
             os.close(fd)
             nonblock = not nonblock
-            fd = os.open(d.node, os.O_RDWR | (os.O_NONBLOCK if nonblock else 0))
+            fd = os.open(node, os.O_RDWR | (os.O_NONBLOCK if nonblock else 0))
         if i % CHECK_EVERY == CHECK_EVERY - 1:
             try:
                 check_bystander(bystander, key, session)
@@ -160,7 +202,7 @@ def test_mutated_commands_through_a_live_node(daemon, kernel, extra):
 
     # The daemon serves a fresh file, and the bystander has its key and session.
     assert d.proc.poll() is None
-    fresh = os.open(d.node, os.O_RDWR)
+    fresh = os.open(node, os.O_RDWR)
     ok(fresh, command(wire.CC_GET_RANDOM, b"\x00\x08"))
     os.close(fresh)
     check_bystander(bystander, key, session)
@@ -177,8 +219,9 @@ def test_mutated_commands_through_a_live_node(daemon, kernel, extra):
     assert swtpm_backend_handles(d) == baseline
     assert "Traceback" not in d.log()
     print(
-        f"\nhostile node ({kernel}{' '.join(('',) + extra)}): {N} mutants sent in {seconds:.1f} s ({N / seconds:.0f}/s), "
+        f"\nhostile node ({label}): {N} mutants sent in {seconds:.1f} s ({N / seconds:.0f}/s), "
         f"{len(left.saved_sessions)} sessions saved away by hostile files (flushed by hand), outcomes:"
     )
     for what, n in sorted(outcomes.items(), key=lambda kv: -kv[1]):
         print(f"  {n:6d}  {what}")
+    return answered.total()

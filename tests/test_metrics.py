@@ -8,29 +8,12 @@ import re
 import signal
 import socket
 import time
-import urllib.request
 
 import pytest
 
 from cusetpm.daemon.metrics import command_name, outcome
-from helpers import create_primary, get_random, rc, start_auth_session
+from helpers import create_primary, free_port, get_random, rc, scrape, start_auth_session
 from helpers import transact as cmd
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def test_names_and_outcomes():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TWO_TENANTS, StartTenants, Tenants
+from helpers import free_port
 
 #: Tenant A's audit trail and capture go to files the test names.
 TWO = TWO_TENANTS.replace("pcrs = [16]\n", 'pcrs = [16]\naudit = "{audit}"\naudit_pcapng = "{pcap}"\n', 1)
@@ -38,12 +38,6 @@ def ok(t: Tenants, node: str, *argv: str, cwd: Path) -> str:
 def refused(t: Tenants, node: str, code: str, *argv: str, cwd: Path) -> None:
     r = tool(t, node, *argv, cwd=cwd)
     assert r.returncode != 0 and code in r.stderr.lower(), f"{' '.join(argv)} on {node}: {r.stderr}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_two_tenants_on_one_tpm_each_in_its_own_ranges(tenants: StartTenants, tmp_path: Path) -> None:
