@@ -233,7 +233,8 @@ def test_the_guest_figure_reads_the_guests_line_and_says_what_was_not_measured()
     assert out[5].endswith("guest): node(6.12,cuse): NOT MET (GetRandom 1.30x, ReadPublic 2.00x)")
     assert out[6] == "The floor, a C CUSE relay: not measured: the guest did not run it"
     assert out[7] == "The floor, a Python CUSE relay: not measured: the guest did not run it"
-    assert "0x80ffffff" in " ".join(out[8:]) and not Figures(guest=fig).failed()
+    assert out[8] == "The floor, a Python CUSE relay (trio): not measured: the guest did not run it"
+    assert "0x80ffffff" in " ".join(out[9:]) and not Figures(guest=fig).failed()
     fig.relay_skipped = "not installed: gcc (Debian: gcc)"
     assert report_guest(fig)[6] == "The floor, a C CUSE relay: not measured: not installed: gcc (Debian: gcc)"
 
@@ -241,17 +242,25 @@ def test_the_guest_figure_reads_the_guests_line_and_says_what_was_not_measured()
     relayed = relayed.replace('"node": [120, 140, 130]', '"node": [120, 140, 130], "relay": [110, 115, 105]')
     relayed = relayed.replace('"relay": [300, 310, 290]', '"relay": [300, 310, 290], "pyrelay": [330, 340, 320]')
     relayed = relayed.replace('"relay": [110, 115, 105]', '"relay": [110, 115, 105], "pyrelay": [120, 125, 115]')
+    relayed = relayed.replace('"pyrelay": [330, 340, 320]', '"pyrelay": [330, 340, 320], "triorelay": [350, 360, 340]')
+    relayed = relayed.replace('"pyrelay": [120, 125, 115]', '"pyrelay": [120, 125, 115], "triorelay": [125, 125, 125]')
     fig = parse_output(GuestFigure("6.12", 3), relayed)
     assert fig.ratio("GetRandom(16)", "relay") == 1.1 and fig.ratio("ReadPublic, one object loaded") == 2.0
     out = report_guest(fig)
-    assert out[0].split()[-6:] == ["C", "CUSE", "relay", "Python", "CUSE", "relay"]
-    assert out[1].split() == ["GetRandom(16)", "100", "130", "1.30x", "110", "1.10x", "120", "1.20x"]
-    assert out[5:7] == ["  batch means relay: 105-115, 290-310 µs", "  batch means pyrelay: 115-125, 320-340 µs"]
-    assert out[8:10] == [
+    assert out[0].endswith("C CUSE relay   Python CUSE relay   Python CUSE relay (trio)")
+    assert out[1].split() == ["GetRandom(16)", "100", "130", "1.30x", "110", "1.10x", "120", "1.20x", "125", "1.25x"]
+    assert out[5:8] == [
+        "  batch means relay: 105-115, 290-310 µs",
+        "  batch means pyrelay: 115-125, 320-340 µs",
+        "  batch means triorelay: 125-125, 340-360 µs",
+    ]
+    assert out[9:12] == [
         "The floor, a C CUSE relay on the kernel's own /dev/tpmrm0: GetRandom 1.10x, ReadPublic 1.50x the kernel;"
         " the node GetRandom 1.18x, ReadPublic 1.33x it",
         "The floor, a Python CUSE relay on the kernel's own /dev/tpmrm0: GetRandom 1.20x, ReadPublic 1.65x the"
         " kernel; the node GetRandom 1.08x, ReadPublic 1.21x it",
+        "The floor, a Python CUSE relay (trio) on the kernel's own /dev/tpmrm0: GetRandom 1.25x, ReadPublic 1.75x"
+        " the kernel; the node GetRandom 1.04x, ReadPublic 1.14x it",
     ]
 
     lost = parse_output(GuestFigure("6.12", 3), "rig: /dev/tpmrm0 did not appear\n")
@@ -281,21 +290,21 @@ def test_the_guest_figure_in_a_small_run(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     head = r"µs per command in the guest \(TCG; x kernel\) +/dev/tpmrm0 +/dev/cusetpm-bench +C CUSE relay"
-    assert re.fullmatch(head + " +Python CUSE relay", lines[0]), r.stdout
-    assert re.fullmatch(rf"GetRandom\(16\) +\d+( +\d+ {NUM}x){{3}}", lines[1]), r.stdout
-    assert re.fullmatch(rf"ReadPublic, one object loaded +\d+( +\d+ {NUM}x){{3}}", lines[2]), r.stdout
-    for i, path in ((3, "kernel"), (4, "node"), (5, "relay"), (6, "pyrelay")):
+    assert re.fullmatch(head + r" +Python CUSE relay +Python CUSE relay \(trio\)", lines[0]), r.stdout
+    assert re.fullmatch(rf"GetRandom\(16\) +\d+( +\d+ {NUM}x){{4}}", lines[1]), r.stdout
+    assert re.fullmatch(rf"ReadPublic, one object loaded +\d+( +\d+ {NUM}x){{4}}", lines[2]), r.stdout
+    for i, path in ((3, "kernel"), (4, "node"), (5, "relay"), (6, "pyrelay"), (7, "triorelay")):
         assert re.fullmatch(rf"  batch means {path}: \d+-\d+, \d+-\d+ µs", lines[i]), r.stdout
     goal = r"Goal \(CUSE node <= 1\.5x the kernel's /dev/tpmrm0, same swtpm, one 6\.12 guest\): node\(6\.12,cuse\): "
-    assert re.fullmatch(goal + rf"(NOT )?MET \(GetRandom {NUM}x, ReadPublic {NUM}x\)", lines[7]), r.stdout
-    for i, what in ((8, "C"), (9, "Python")):
-        floor = rf"The floor, a {what} CUSE relay on the kernel's own /dev/tpmrm0: GetRandom {NUM}x, ReadPublic {NUM}x"
+    assert re.fullmatch(goal + rf"(NOT )?MET \(GetRandom {NUM}x, ReadPublic {NUM}x\)", lines[8]), r.stdout
+    for i, what in ((9, "C CUSE relay"), (10, "Python CUSE relay"), (11, r"Python CUSE relay \(trio\)")):
+        floor = rf"The floor, a {what} on the kernel's own /dev/tpmrm0: GetRandom {NUM}x, ReadPublic {NUM}x"
         assert re.fullmatch(floor + rf" the kernel; the node GetRandom {NUM}x, ReadPublic {NUM}x it", lines[i]), (
             r.stdout
         )
-    how = " ".join(lines[10:])
+    how = " ".join(lines[12:])
     assert how.startswith("How measured (guest): one Debian 6.12.") and "(0x80ffffff)" in how, how
-    assert "2 rounds" in how and "(5 GetRandom, 3 ReadPublic)" in how and "py_cuse_relay" in how, how
+    assert "2 rounds" in how and "(5 GetRandom, 3 ReadPublic)" in how and "py_cuse_relay --trio" in how, how
     assert "FAILED" not in r.stdout
     assert list(tmp_path.iterdir()) == []
 

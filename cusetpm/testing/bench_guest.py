@@ -20,7 +20,8 @@ of the kernel's own /dev/tpmrm0, and whose write() writes the command there (the
 it in that write) and reads the response for read() to hand out.  It is the kernel's resource
 manager behind one CUSE hop with nothing else: what no CUSE node, in any language, can beat.
 And the same in Python (:mod:`.py_cuse_relay`: one thread, no trio, no resource manager), the
-least a CUSE daemon in Python costs.
+least a CUSE daemon in Python costs; and that relay on trio, its loop shaped like the node's
+(the node's default spin, then trio's epoll), the least a CUSE daemon on the node's loop costs.
 
 Guest side: ``python -m cusetpm.testing.bench_guest`` (after the rig's swtpm prelude) prints
 one JSON line.  Host side: :func:`guest_figure` boots the guest and parses that line.
@@ -54,6 +55,9 @@ RELAY_NAME = "cusetpm-crelay"
 #: The Python relay (:mod:`.py_cuse_relay`, the Python floor): its path and device name.
 PY_RELAY_PATH = "pyrelay"
 PY_RELAY_NAME = "cusetpm-pyrelay"
+#: The same relay on trio, its loop shaped like the node's (``--trio``): its path and device name.
+TRIO_RELAY_PATH = "triorelay"
+TRIO_RELAY_NAME = "cusetpm-triorelay"
 #: Marks the guest's result line among whatever else the command prints.
 KEY = "cusetpm_bench_guest"
 
@@ -262,6 +266,7 @@ def measure(paths: dict[str, _Path], rounds: int, sizes: dict[str, int], warmup:
 
 
 def run(args: argparse.Namespace, result: dict) -> None:
+    from ..frontends.channel import DEFAULT_SPIN
     from .daemon import start_serve
 
     for dev in ("/dev/tpm0", "/dev/tpmrm0"):
@@ -286,6 +291,9 @@ def run(args: argparse.Namespace, result: dict) -> None:
             py_relay = [sys.executable, "-m", "cusetpm.testing.py_cuse_relay"]
             relays[PY_RELAY_PATH] = _start_relay(py_relay, PY_RELAY_NAME, Path(tmp) / "py-relay.log")
             paths[PY_RELAY_PATH] = _Path(f"/dev/{PY_RELAY_NAME}")
+            trio_relay = [*py_relay, "--trio", str(round(DEFAULT_SPIN * 1e6))]  # the node's default spin
+            relays[TRIO_RELAY_PATH] = _start_relay(trio_relay, TRIO_RELAY_NAME, Path(tmp) / "trio-relay.log")
+            paths[TRIO_RELAY_PATH] = _Path(f"/dev/{TRIO_RELAY_NAME}")
             for p in paths.values():
                 _call(p.empty, GET_RANDOM_16)
             result["handles"] = {name: f"0x{p.handle:08x}" for name, p in paths.items()}
@@ -300,7 +308,8 @@ def run(args: argparse.Namespace, result: dict) -> None:
             result["node_exit"] = rc
         if rc != 0 and not result.get("error"):
             result["error"] = f"cusetpm serve exited with status {rc}: {served.log()[-2000:]}"
-        for name, what in ((RELAY_PATH, "the C relay"), (PY_RELAY_PATH, "the Python relay")):
+        for name, what in ((RELAY_PATH, "the C relay"), (PY_RELAY_PATH, "the Python relay"),
+                           (TRIO_RELAY_PATH, "the trio relay")):  # fmt: skip
             if result.get(f"{name}_exit") not in (None, 0) and not result.get("error"):
                 result["error"] = f"{what} exited with status {result[f'{name}_exit']}"
 
@@ -370,6 +379,29 @@ class GuestFigure:
         """``path`` against ``base`` on ``row`` (the figure: the node against the kernel)."""
         top, bottom = self.median(row, path), self.median(row, base)
         return top / bottom if top is not None and bottom else None
+
+    def how(self) -> str:
+        """How it was measured, for the report."""
+        handles = sorted(set(self.handles.values())) or ["?"]
+        start = f", up in {self.node_start:.0f} s" if self.node_start is not None else ""
+        return (
+            f"How measured (guest): one Debian {self.release or self.kernel} guest under qemu TCG, one swtpm "
+            "behind vtpm_proxy; the kernel's resource manager on /dev/tpmrm0, and `cusetpm serve --cuse "
+            f"{DEFAULT_NAME} --tcti device:/dev/tpm0 --kernel {self.kernel}` on the same chip through the "
+            f"kernel's raw /dev/tpm0{start}; all open at once (the node holds /dev/tpm0, which /dev/tpmrm0 "
+            "does not need), nothing restarted between rounds; and the C CUSE relay (bench_guest.C_CUSE_RELAY, "
+            f"/dev/{RELAY_NAME}), every open of it an open of /dev/tpmrm0, where each write() runs its command, "
+            f"the same in Python, one thread, no trio (py_cuse_relay, /dev/{PY_RELAY_NAME}), and that on "
+            f"trio, its loop as the node's (py_cuse_relay --trio, /dev/{TRIO_RELAY_NAME}).  "
+            "One client process, raw os.write/os.read "
+            "on an O_RDWR fd; per path one file with nothing loaded (GetRandom(16)) and one holding an "
+            f"ECC P-256 primary ({'/'.join(handles)}) for ReadPublic, so each resource manager loads, saves "
+            f"and flushes it around every command.  {self.rounds} rounds, each one batch per row and path "
+            f"({self.sizes.get(ROWS[0], '?')} GetRandom, {self.sizes.get(ROWS[1], '?')} ReadPublic), which "
+            "path goes first alternating; a figure is the median over rounds of the batch mean.  Absolute "
+            "times under TCG mean nothing; the ratio is the figure"
+            + (f".  {self.seconds:.0f} s in the guest, boot included." if self.seconds is not None else ".")
+        )
 
 
 def cannot_boot(kernel: str) -> str | None:

@@ -14,11 +14,10 @@ from .bench_guest import (
     DEFAULT_NAME,
     GUEST_GOAL,
     PATHS,
-    PY_RELAY_NAME,
     PY_RELAY_PATH,
-    RELAY_NAME,
     RELAY_PATH,
     ROWS,
+    TRIO_RELAY_PATH,
     GuestFigure,
 )
 from .bench_limits import BackendCost, cycle_commands
@@ -173,7 +172,11 @@ def report_turns(paths: list[TurnsPath]) -> list[str]:
 
 GUEST_TITLE = "CUSE node against the kernel's /dev/tpmrm0"
 #: The guest figure's floors, each a relay on the kernel's own /dev/tpmrm0: its path, its column.
-GUEST_RELAYS = {RELAY_PATH: "C CUSE relay", PY_RELAY_PATH: "Python CUSE relay"}
+GUEST_RELAYS = {
+    RELAY_PATH: "C CUSE relay",
+    PY_RELAY_PATH: "Python CUSE relay",
+    TRIO_RELAY_PATH: "Python CUSE relay (trio)",
+}
 
 
 def report_guest(fig: GuestFigure) -> list[str]:
@@ -211,35 +214,13 @@ def report_guest(fig: GuestFigure) -> list[str]:
             why = fig.relay_skipped if p == RELAY_PATH else None
             out.append(f"The floor, a {what}: not measured: {why or 'the guest did not run it'}")
     if not fig.error:
-        out.append(textwrap.fill(how_guest(fig), width=96, break_on_hyphens=False))
+        out.append(textwrap.fill(fig.how(), width=96, break_on_hyphens=False))
     return out
 
 
 def _op(row: str) -> str:
     """A guest row's command: "GetRandom", "ReadPublic"."""
     return row.split(",")[0].split("(")[0]
-
-
-def how_guest(fig: GuestFigure) -> str:
-    handles = sorted(set(fig.handles.values())) or ["?"]
-    start = f", up in {fig.node_start:.0f} s" if fig.node_start is not None else ""
-    return (
-        f"How measured (guest): one Debian {fig.release or fig.kernel} guest under qemu TCG, one swtpm "
-        "behind vtpm_proxy; the kernel's resource manager on /dev/tpmrm0, and `cusetpm serve --cuse "
-        f"{DEFAULT_NAME} --tcti device:/dev/tpm0 --kernel {fig.kernel}` on the same chip through the "
-        f"kernel's raw /dev/tpm0{start}; all open at once (the node holds /dev/tpm0, which /dev/tpmrm0 "
-        "does not need), nothing restarted between rounds; and the C CUSE relay (bench_guest.C_CUSE_RELAY, "
-        f"/dev/{RELAY_NAME}), every open of it an open of /dev/tpmrm0, where each write() runs its command, "
-        f"and the same in Python, one thread, no trio (py_cuse_relay, /dev/{PY_RELAY_NAME}).  "
-        "One client process, raw os.write/os.read "
-        "on an O_RDWR fd; per path one file with nothing loaded (GetRandom(16)) and one holding an "
-        f"ECC P-256 primary ({'/'.join(handles)}) for ReadPublic, so each resource manager loads, saves "
-        f"and flushes it around every command.  {fig.rounds} rounds, each one batch per row and path "
-        f"({fig.sizes.get(ROWS[0], '?')} GetRandom, {fig.sizes.get(ROWS[1], '?')} ReadPublic), which path "
-        "goes first alternating; a figure is the median over rounds of the batch mean.  Absolute times "
-        "under TCG mean nothing; the ratio is the figure"
-        + (f".  {fig.seconds:.0f} s in the guest, boot included." if fig.seconds is not None else ".")
-    )
 
 
 def api_words(args: argparse.Namespace) -> str:

@@ -10,6 +10,10 @@ that write) and reads the response, which read() hands out.  One thread blocking
 
 ``python -m cusetpm.testing.py_cuse_relay DEVNAME TPM_PATH`` serves /dev/DEVNAME in the
 foreground until /dev/cuse goes away or a signal ends it (the bench's guest side starts it).
+With ``--trio`` the same relay runs on a trio loop shaped like the node's request loop
+(:mod:`cusetpm.frontends.channel`: /dev/cuse O_NONBLOCK, polled for ``--spin-us`` after the
+last request with a trio checkpoint a round, then trio's epoll): the bench prints both, so
+what trio's loop costs a Python CUSE daemon is told apart from the node's own work.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import select
 import signal
 import sys
+import time
 
 from ..frontends import cuse_proto as proto
 from ..kernel.wire import TPM_BUFSIZE
@@ -71,16 +76,43 @@ class Relay:
         return proto.default_reply(req)
 
 
-def serve(devname: str, target: str) -> None:
-    """Serve /dev/``devname`` on /dev/cuse until the channel goes away."""
+def serve(devname: str, target: str, trio_spin: float | None = None) -> None:
+    """Serve /dev/``devname`` on /dev/cuse until the channel goes away; ``trio_spin``: on
+    trio, spinning that many seconds (None: one thread blocking in read())."""
     proto.check_devname(devname)
-    fd = os.open("/dev/cuse", os.O_RDWR | os.O_CLOEXEC)
-    buf = bytearray(proto.READ_BUFFER_SIZE)
-    view = memoryview(buf)
-    init = proto.parse_request(bytes(view[: os.readv(fd, [buf])]))
+    fd = os.open("/dev/cuse", os.O_RDWR | os.O_CLOEXEC | (os.O_NONBLOCK if trio_spin is not None else 0))
+    try:
+        if trio_spin is None:
+            relay_loop(fd, devname, target)
+        else:
+            import trio
+
+            trio.run(trio_relay_loop, fd, devname, target, trio_spin)
+    finally:
+        os.close(fd)
+
+
+def _init_reply(buf: bytes, devname: str) -> bytes:
+    """The reply to the channel's first request, which must be CUSE_INIT."""
+    init = proto.parse_request(buf)
     if not isinstance(init, proto.CuseInit):
         raise proto.ProtocolError(f"expected CUSE_INIT, got opcode {init.header.opcode}")
-    os.write(fd, proto.reply_cuse_init(init.unique, devname, kernel_minor=init.minor, kernel_flags=init.flags))
+    return proto.reply_cuse_init(init.unique, devname, kernel_minor=init.minor, kernel_flags=init.flags)
+
+
+def _reply(fd: int, out: bytes | None) -> None:
+    if out:
+        try:
+            os.write(fd, out)
+        except FileNotFoundError:  # its caller is gone
+            pass
+
+
+def relay_loop(fd: int, devname: str, target: str) -> None:
+    """The relay on channel ``fd`` (blocking), from CUSE_INIT until the channel goes away."""
+    buf = bytearray(proto.READ_BUFFER_SIZE)
+    view = memoryview(buf)
+    os.write(fd, _init_reply(bytes(view[: os.readv(fd, [buf])]), devname))
     relay = Relay(target)
     while True:
         try:
@@ -89,14 +121,55 @@ def serve(devname: str, target: str) -> None:
             if exc.errno == errno.ENOENT:  # the request was interrupted before we read it
                 continue
             return  # ENODEV: the channel is gone
-        out = relay.handle(bytes(view[:n]))
-        if out:
-            try:
-                os.write(fd, out)
-            except FileNotFoundError:  # its caller is gone
-                pass
+        if n == 0:  # a socket standing in for /dev/cuse, closed
+            return
+        _reply(fd, relay.handle(bytes(view[:n])))
+
+
+async def trio_relay_loop(fd: int, devname: str, target: str, spin: float) -> None:
+    """:func:`relay_loop` on trio, for an O_NONBLOCK ``fd``: a request is read at once if
+    there, else polled for with a checkpoint a round for ``spin`` seconds, else waited for in
+    trio's epoll, as the node's request loop does (Channel.request_loop, Channel.spin_read)."""
+    import trio
+
+    buf = bytearray(proto.READ_BUFFER_SIZE)
+    view = memoryview(buf)
+    relay: Relay | None = None
+    deadline: float | None = None  # while spinning: until when
+    while True:
+        try:
+            n = os.readv(fd, [buf])
+        except BlockingIOError:
+            if deadline is None:
+                deadline = time.perf_counter() + spin
+            if time.perf_counter() < deadline:
+                await trio.lowlevel.checkpoint()
+            else:
+                deadline = None
+                await trio.lowlevel.wait_readable(fd)
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                continue
+            return
+        deadline = None
+        if n == 0:
+            return
+        if relay is None:
+            os.write(fd, _init_reply(bytes(view[:n]), devname))
+            relay = Relay(target)
+            continue
+        _reply(fd, relay.handle(bytes(view[:n])))
+
+
+def main(argv: list[str]) -> None:
+    """``[--trio SPIN_US] DEVNAME TPM_PATH``."""
+    spin = None
+    if argv[:1] == ["--trio"]:
+        spin, argv = float(argv[1]) / 1e6, argv[2:]
+    serve(argv[0], argv[1], spin)
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the bench's terminate() is the normal end
-    serve(*sys.argv[1:3])
+    main(sys.argv[1:])
