@@ -8,12 +8,13 @@ that write) and reads the response, which read() hands out.  One thread blocking
 (:mod:`cusetpm.frontends.cuse_proto`).  What the node costs beyond it is the node's own work
 (its resource manager, its event loop); what it costs beyond the C relay is Python's.
 
-``python -m cusetpm.testing.py_cuse_relay DEVNAME TPM_PATH`` serves /dev/DEVNAME in the
-foreground until /dev/cuse goes away or a signal ends it (the bench's guest side starts it).
-With ``--trio`` the same relay runs on a trio loop shaped like the node's request loop
-(:mod:`cusetpm.frontends.channel`: /dev/cuse O_NONBLOCK, polled for ``--spin-us`` after the
-last request with a trio checkpoint a round, then trio's epoll): the bench prints both, so
-what trio's loop costs a Python CUSE daemon is told apart from the node's own work.
+``python -m cusetpm.testing.py_cuse_relay [--trio SPIN_US] DEVNAME TPM_PATH`` serves
+/dev/DEVNAME in the foreground until /dev/cuse goes away or SIGTERM ends it (exit status 0; the
+bench's guest side starts it).  With ``--trio`` the same relay runs on a trio loop shaped like
+the node's request loop (:mod:`cusetpm.frontends.channel`: /dev/cuse O_NONBLOCK, polled for
+SPIN_US µs after the last request with a trio checkpoint a round, then trio's epoll): the bench
+prints both, so what trio's loop costs a Python CUSE daemon is told apart from the node's own
+work.
 """
 
 from __future__ import annotations
@@ -87,9 +88,25 @@ def serve(devname: str, target: str, trio_spin: float | None = None) -> None:
         else:
             import trio
 
-            trio.run(trio_relay_loop, fd, devname, target, trio_spin)
+            trio.run(_serve_trio, fd, devname, target, trio_spin)
     finally:
         os.close(fd)
+
+
+async def _serve_trio(fd: int, devname: str, target: str, spin: float) -> None:
+    """:func:`trio_relay_loop` until it ends or SIGTERM comes (trio's own signal handling: a
+    handler raising SystemExit inside trio's run loop would not end it cleanly)."""
+    import trio
+
+    async def stop_on_sigterm(scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
+        await trio_relay_loop(fd, devname, target, spin)
+        nursery.cancel_scope.cancel()
 
 
 def _init_reply(buf: bytes, devname: str) -> bytes:
