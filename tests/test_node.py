@@ -59,3 +59,23 @@ def test_max_open_refuses_the_next_open_with_emfile(tmp_path):
             await node.close_all()
 
     trio.run(main)
+
+
+def test_turn_now_takes_a_token_of_the_tenants_rate_only_when_one_is_there(tmp_path):
+    """A node without a rate always may go now; a tenant's rate (its burst: one second's
+    worth) lets that many go at once, then none until a token comes, and throttle() waits
+    for it."""
+
+    async def main() -> None:
+        async with managed_swtpm(tmp_path / "state") as backend:
+            chip = TpmChip(backend)
+            await chip.register()
+            free = Node(chip, PROFILES["6.12"], "free")
+            assert all(free.turn_now() for _ in range(100))
+            rated = Node(chip, PROFILES["6.12"], "rated", policy=Policy(commands_per_second=2))
+            assert rated.turn_now() and rated.turn_now() and not rated.turn_now()
+            with trio.fail_after(5):
+                await rated.throttle()  # waits for the next token (half a second)
+            assert not rated.turn_now()
+
+    trio.run(main)

@@ -196,7 +196,7 @@ class DeviceFile:
         node, chip = self.node, self.chip
         if not chip.usable_by(self) or not chip.may_start_inline():
             return False
-        if node.bucket is not None and not node.bucket.take_now(trio.current_time()):
+        if not node.turn_now():
             return False  # over the tenant's rate: the worker waits its turn (Node.throttle)
         watch = self._watch(self._held_command()) if node.observed else None
         try:

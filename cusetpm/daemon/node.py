@@ -114,6 +114,11 @@ class Node:
         timed and counted around, and told when it ends (:meth:`command_done`)."""
         return self.metrics is not None or self.tenant is not None or self.audited
 
+    def turn_now(self) -> bool:
+        """``commands_per_second``: may this command go now, with no wait (its token taken)?
+        False, having taken nothing: it must wait its turn (:meth:`throttle`)."""
+        return self.bucket is None or self.bucket.take_now(trio.current_time())
+
     async def throttle(self) -> None:
         """``commands_per_second``: wait for this command's turn (shielded, like the TPM
         taking its time: the command is already the file's)."""
