@@ -12,13 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import TWO_TENANTS, StartTenants, Tenants
-from helpers import free_port
+from helpers import free_port, scrape
 
 #: Tenant A's audit trail and capture go to files the test names.
 TWO = TWO_TENANTS.replace("pcrs = [16]\n", 'pcrs = [16]\naudit = "{audit}"\naudit_pcapng = "{pcap}"\n', 1)
@@ -87,12 +86,10 @@ def test_two_tenants_on_one_tpm_each_in_its_own_ranges(tenants: StartTenants, tm
                             capture_output=True, text=True, timeout=60, check=True).stdout.split()  # fmt: skip
     assert len(fields) == len(entries) and int(fields[[e["cc"] for e in entries].index("Clear")], 0) == 0x126
     # ... and in its metrics; B has none.
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert 'cusetpm_refusals_total{node="tenant-a",rule="nv"}' in text
-    assert 'cusetpm_refusals_total{node="tenant-a",rule="deny"} 1.0' in text
-    assert 'rule="' not in "".join(
-        line for line in text.splitlines() if 'node="tenant-b"' in line and "refusals" in line
-    )
+    samples = scrape(port)
+    assert 'cusetpm_refusals_total{node="tenant-a",rule="nv"}' in samples
+    assert samples['cusetpm_refusals_total{node="tenant-a",rule="deny"}'] == 1.0
+    assert not [name for name in samples if 'node="tenant-b"' in name and "refusals" in name and 'rule="' in name]
 
 
 def test_max_open_refuses_the_next_open_with_emfile(tenants: StartTenants) -> None:
